@@ -1,0 +1,114 @@
+"""ResNet's building blocks: conv3x3, conv1x1, BasicBlock, Bottleneck and ResidualLayer.
+
+Mirrors the article's "ResNetの実装" section. Each fix to the article's code is marked with a
+comment at the spot and listed in the README.
+"""
+import torch.nn as nn
+
+
+def conv3x3(in_channels, out_channels, stride=1, groups=1, dilation=1):
+    """3x3 convolution with padding."""
+    # bias=False: the BatchNorm right after it has its own shift (the article used bias=True).
+    return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride,
+                     padding=dilation, groups=groups, bias=False, dilation=dilation)
+
+
+def conv1x1(in_channels, out_channels, stride=1):
+    """1x1 convolution."""
+    # bias=False, as in conv3x3 (the article used bias=True).
+    return nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """The building block (left of the paper's Figure 5): two 3x3 convs and a shortcut."""
+
+    expansion = 1  # out_channels / the width of the 3x3 convs
+
+    def __init__(self, in_channels, out_channels, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = conv3x3(in_channels, out_channels, stride)  # the stride sits here
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(out_channels, out_channels)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity_x = x  # hold input for shortcut connection
+
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+
+        out = self.conv2(out)
+        out = self.bn2(out)
+
+        if self.downsample is not None:
+            identity_x = self.downsample(x)
+
+        out += identity_x  # shortcut connection
+        return self.relu(out)
+
+
+class Bottleneck(nn.Module):
+    """The bottleneck building block (right of Figure 5): 1x1 reduce, 3x3, 1x1 expand.
+
+    The article names this block but never builds it; ResNet50 needs it. As in torchvision
+    ("ResNet v1.5"), the stride sits on the 3x3 conv.
+    """
+
+    expansion = 4  # out_channels / the width of the 3x3 conv
+
+    def __init__(self, in_channels, out_channels, stride=1, downsample=None):
+        super().__init__()
+        width = out_channels // self.expansion
+        self.conv1 = conv1x1(in_channels, width)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = conv3x3(width, width, stride)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = conv1x1(width, out_channels)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity_x = x
+
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+
+        if self.downsample is not None:
+            identity_x = self.downsample(x)
+
+        out += identity_x
+        return self.relu(out)
+
+
+class ResidualLayer(nn.Module):
+    """One stage of ResNet: num_blocks blocks, the first of which may downsample.
+
+    out_channels is what the stage outputs: 64..512 for BasicBlock, 256..2048 for Bottleneck.
+    """
+
+    def __init__(self, num_blocks, in_channels, out_channels, block=BasicBlock, stride=1):
+        super().__init__()
+        downsample = None
+        # The article added the projection only when the channels changed, and always with
+        # stride 1, so no stage ever halved the feature map. It is needed exactly when the
+        # shortcut's shape differs from the block's output: a stride or a channel change.
+        if stride != 1 or in_channels != out_channels:
+            downsample = nn.Sequential(
+                conv1x1(in_channels, out_channels, stride),
+                nn.BatchNorm2d(out_channels),
+            )
+        self.first_block = block(in_channels, out_channels, stride, downsample=downsample)
+        # The article built num_blocks more blocks here, so every stage had num_blocks + 1.
+        self.blocks = nn.ModuleList(block(out_channels, out_channels)
+                                    for _ in range(num_blocks - 1))
+
+    def forward(self, x):
+        out = self.first_block(x)
+        for block in self.blocks:
+            out = block(out)
+        return out
