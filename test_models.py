@@ -586,5 +586,39 @@ class DataPathTest(unittest.TestCase):
         self.assertEqual(max(f(s) for s in range(100)), 1.0)
 
 
+class BenchmarkTest(unittest.TestCase):
+
+    def test_quick_benchmark_runs(self):
+        import benchmark
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp, 'bench.json')
+            with contextlib.redirect_stdout(io.StringIO()) as out:
+                self.assertEqual(benchmark.main(['--quick', '--device', 'cpu', '--json', str(path)]), 0)
+            result = json.loads(path.read_text())
+        self.assertIn('efficiency', out.getvalue())
+        self.assertIn("the article's ResNet18 as written", out.getvalue())
+        models = {r['model'] for r in result['results']}
+        self.assertEqual(models, {'resnet18', 'resnet18-small', 'alexnet', 'resnet18-article'})
+        for r in result['results']:
+            for key in ('step_img_s', 'epoch_img_s', 'eval_img_s', 'efficiency'):
+                self.assertGreater(r[key], 0, (r['model'], key))
+        self.assertGreater(result['data_path']['pil_img_s'], 0)
+        self.assertGreater(result['data_path']['tensor_img_s'], 0)
+
+    def test_article_specimen_has_the_article_bugs(self):
+        # The specimen the benchmark times is the article's network: 3 blocks a stage, no
+        # downsampling, biased convs. The checks that pin those bugs fail on it.
+        import benchmark
+        model = benchmark.article_resnet18(10).eval()
+        self.assertEqual([len(s) for s in (model.layer1, model.layer2, model.layer3,
+                                           model.layer4)], [3, 3, 3, 3])
+        self.assertIsNotNone(model.layer2[0].conv1.bias)
+        sizes = []
+        model.layer4.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1]))
+        with torch.no_grad():
+            model(torch.zeros(1, 3, 224, 224))
+        self.assertEqual(sizes, [56])  # the fixed network is at 7 here
+
+
 if __name__ == '__main__':
     unittest.main()

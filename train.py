@@ -185,6 +185,9 @@ class TensorLoader:
         self.epoch = 0
         self.padding = min(padding, images.shape[-1] - 1, images.shape[-2] - 1)
         self.memory_format = memory_format
+        # On the CPU, resize the uint8 channels-last batch (about 15x faster there than resizing
+        # floats); elsewhere resize after the float conversion (GPUs resize floats only).
+        self.resize_uint8 = images.device.type == 'cpu'
         # x_norm = (x / 255 - mean) / std  ==  x * scale - shift
         std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
         mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
@@ -229,12 +232,19 @@ class TensorLoader:
         return x.permute(0, 3, 1, 2)  # (B, C, H, W), stored channels-last
 
     def _finish(self, x):
-        """uint8 -> normalised float, resized to image_size, in the model's memory format."""
+        """uint8 -> resized to image_size, normalised float, in the model's memory format."""
+        size = (self.image_size, self.image_size)
+        if x.shape[-2:] != size and self.resize_uint8:
+            x = _resize(x.contiguous(memory_format=torch.channels_last), size)
         x = x.float().mul_(self.scale).sub_(self.shift)
-        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode='bilinear',
-                              align_corners=False, antialias=x.shape[-1] > self.image_size)
+        if x.shape[-2:] != size:
+            x = _resize(x, size)
         return x.contiguous(memory_format=self.memory_format)
+
+
+def _resize(x, size):
+    # Bilinear; antialias only matters when shrinking, and selects PyTorch's fast uint8 kernel.
+    return F.interpolate(x, size=size, mode='bilinear', align_corners=False, antialias=True)
 
 
 def _reflect(i, n):
@@ -248,13 +258,13 @@ def _reflect(i, n):
 
 class Trainer:
 
-    def __init__(self, model, optimizer, criterion, device='cpu', scheduler=None):
+    def __init__(self, model, optimizer, criterion, device='cpu', scheduler=None, amp=True):
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.optimizer = optimizer
         self.criterion = criterion
         self.scheduler = scheduler  # stepped once per batch
-        self.amp_dtype = amp_dtype(self.device)
+        self.amp_dtype = amp_dtype(self.device) if amp else None  # None: fp32
         # fp16 needs loss scaling; bf16 and fp32 do not (the scaler is then a no-op).
         self.scaler = torch.amp.GradScaler('cuda', enabled=self.amp_dtype == torch.float16)
         self.progress = sys.stdout.isatty()  # a live progress line on a terminal, none in a log

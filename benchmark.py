@@ -1,0 +1,235 @@
+"""Measure training speed: the model's raw step rate against a real Trainer epoch, on CPU or GPU.
+
+For each configuration it reports, in images per second: the raw training step (forward,
+backward and optimizer step on one resident batch), a Trainer epoch through train.py's own data
+path (TensorLoader: crop, flip, normalise, resize), their ratio (the pipeline efficiency) and
+evaluation. It also times the article's ResNet18 as written, and the article's PIL input pipeline
+against the tensor path.
+
+    python benchmark.py                 # the full table for this machine's device
+    python benchmark.py --quick         # under a minute on 2 CPU cores (the tests run this)
+    python benchmark.py --json out.json
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+from PIL import Image
+from torchvision import transforms
+
+import layers
+import train
+from resnet import ResNet18
+
+
+# ----------------------------------------------------------------------------------------------
+# A specimen of the article's bugs, for timing only: its ResNet18 exactly as written. Every stage
+# has 3 blocks (first_block + num_blocks), no stage has a stride (all run at 56x56 for 224 px),
+# and every conv has a bias. Do not train this; resnet.py is the fixed network.
+
+def article_residual_layer(num_blocks, in_channels, out_channels):
+    def block(cin, cout, downsample=None):
+        b = layers.BasicBlock(cin, cout, downsample=downsample)
+        b.conv1 = nn.Conv2d(cin, cout, kernel_size=3, padding=1, bias=True)
+        b.conv2 = nn.Conv2d(cout, cout, kernel_size=3, padding=1, bias=True)
+        return b
+    downsample = None
+    if in_channels != out_channels:  # the article's only condition; stride 1 always
+        downsample = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=True),
+                                   nn.BatchNorm2d(out_channels))
+    return nn.Sequential(block(in_channels, out_channels, downsample),
+                         *[block(out_channels, out_channels) for _ in range(num_blocks)])
+
+
+def article_resnet18(num_classes):
+    model = ResNet18(num_classes)
+    model.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3)  # bias=True
+    model.layer1 = article_residual_layer(2, 64, 64)
+    model.layer2 = article_residual_layer(2, 64, 128)
+    model.layer3 = article_residual_layer(2, 128, 256)
+    model.layer4 = article_residual_layer(2, 256, 512)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def build(name, num_classes=10):
+    if name == 'resnet18-article':
+        return article_resnet18(num_classes)
+    if name == 'resnet18-small':
+        return train.build_model('resnet18', num_classes, small_input=True)
+    return train.build_model(name, num_classes)
+
+
+class Resident:
+    """A 'loader' that yields one batch, already on the device, `steps` times."""
+
+    def __init__(self, inputs, targets, steps):
+        self.batch, self.steps = (inputs, targets), steps
+
+    def __len__(self):
+        return self.steps
+
+    def __iter__(self):
+        return (self.batch for _ in range(self.steps))
+
+
+def measure(name, image_size, batch_size, device, amp, steps, repeats, warmup=1):
+    """Raw step, Trainer epoch and eval img/s for one configuration (medians of repeats)."""
+    torch.manual_seed(0)
+    mf = train.memory_format(device)
+    model = build(name).to(device, memory_format=mf)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True,
+                                weight_decay=5e-4)
+    trainer = train.Trainer(model, optimizer, nn.CrossEntropyLoss(label_smoothing=0.1), device,
+                            amp=amp)
+    trainer.progress = False
+
+    # A synthetic data set of CIFAR's shape (32 px uint8), fed at image_size as train.py does.
+    n = batch_size * steps
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, 10, (n,))
+    mean, std = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
+    loader = train.TensorLoader(images, labels, batch_size, mean, std, image_size, train=True,
+                                memory_format=mf)
+    valid = train.TensorLoader(images, labels, batch_size, mean, std, image_size, train=False,
+                               memory_format=mf)
+    inputs, targets = next(iter(loader))
+    resident = Resident(inputs, targets, steps)
+
+    def rate(fn, count):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        return count / (time.perf_counter() - t0)
+
+    trainer.epoch_train(Resident(inputs, targets, warmup))
+    trainer.epoch_valid(valid)
+    raw, epoch, evals = [], [], []
+    for r in range(repeats):  # interleaved, so drifting clocks hit both alike
+        raw.append(rate(lambda: trainer.epoch_train(resident), n))
+        loader.set_epoch(r)
+        epoch.append(rate(lambda: trainer.epoch_train(loader), n))
+        evals.append(rate(lambda: trainer.epoch_valid(valid), n))
+    step_rate, epoch_rate = statistics.median(raw), statistics.median(epoch)
+    return {'model': name, 'device': device.type, 'precision': precision(device, amp),
+            'batch': batch_size, 'px': image_size, 'step_img_s': round(step_rate, 1),
+            'epoch_img_s': round(epoch_rate, 1), 'efficiency': round(epoch_rate / step_rate, 3),
+            'eval_img_s': round(statistics.median(evals), 1)}
+
+
+def precision(device, amp):
+    dtype = train.amp_dtype(device) if amp else None
+    return {None: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[dtype]
+
+
+def data_path_rates(device, count, image_size=224, batch_size=128):
+    """img/s of the article's PIL pipeline (one process) against the tensor path, no model."""
+    g = torch.Generator().manual_seed(0)
+    arrays = torch.randint(0, 256, (count, 32, 32, 3), generator=g, dtype=torch.uint8)
+    pil_images = [Image.fromarray(a.numpy()) for a in arrays]
+    article = transforms.Compose([transforms.Resize((image_size, image_size)),
+                                  transforms.ToTensor()])
+    t0 = time.perf_counter()
+    for img in pil_images:
+        article(img)
+    pil_rate = count / (time.perf_counter() - t0)
+
+    images = arrays.permute(0, 3, 1, 2).contiguous().to(device)
+    loader = train.TensorLoader(images, torch.zeros(count, dtype=torch.long), batch_size,
+                                [0.5] * 3, [0.25] * 3, image_size, train=True,
+                                memory_format=train.memory_format(device))
+    for _ in loader:  # warm-up
+        pass
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in loader:
+        pass
+    sync(device)
+    tensor_rate = len(loader) * batch_size / (time.perf_counter() - t0)
+    return {'px': image_size, 'pil_img_s': round(pil_rate, 1),
+            'tensor_img_s': round(tensor_rate, 1)}
+
+
+def configs(device, quick):
+    """(model, px, batch, amp) rows for this device."""
+    if quick:
+        return [('resnet18', 32, 32, True), ('resnet18-small', 16, 8, True),
+                ('alexnet', 67, 8, True), ('resnet18-article', 32, 8, True),
+                ('resnet18', 32, 8, True)]
+    if device.type == 'cuda':
+        return [('resnet18', 32, 512, True), ('resnet18', 32, 512, False),
+                ('resnet18-small', 32, 512, True), ('alexnet', 227, 128, True),
+                ('resnet18', 224, 128, True), ('resnet18', 224, 128, False),
+                ('resnet18-article', 224, 128, False)]
+    return [('resnet18', 32, 512, True), ('resnet18-small', 32, 128, True),
+            ('alexnet', 67, 128, True), ('resnet18-article', 32, 128, True),
+            ('resnet18', 32, 128, True)]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--quick', action='store_true', help='small batches, few steps: a smoke test')
+    p.add_argument('--device', choices=['auto', 'cpu', 'cuda', 'mps'], default='auto')
+    p.add_argument('--steps', type=train.positive(int), default=None,
+                   help='steps per timed repeat (default: 2 quick, 5 on CPU, 50 on CUDA)')
+    p.add_argument('--repeats', type=train.positive(int), default=None,
+                   help='timed repeats; the median is reported (default: 1 quick, else 3)')
+    p.add_argument('--json', metavar='PATH', help='also write the results as JSON')
+    args = p.parse_args(argv)
+    try:
+        device = train.pick_device(args.device)
+    except train.UsageError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+    torch.set_float32_matmul_precision('high')
+    steps = args.steps or (2 if args.quick else 50 if device.type == 'cuda' else 5)
+    repeats = args.repeats or (1 if args.quick else 3)
+
+    name = torch.cuda.get_device_name() if device.type == 'cuda' else device.type
+    print(f'device: {name}; torch {torch.__version__}; {torch.get_num_threads()} CPU threads; '
+          f'{steps} steps a repeat, median of {repeats}', flush=True)
+    print(f'{"model":<17}{"prec":<6}{"batch":>6}{"px":>5}{"step img/s":>12}{"epoch img/s":>13}'
+          f'{"efficiency":>12}{"eval img/s":>12}')
+    results = []
+    for model, px, batch, amp in configs(device, args.quick):
+        r = measure(model, px, batch, device, amp, steps, repeats)
+        results.append(r)
+        print(f'{model:<17}{r["precision"]:<6}{batch:>6}{px:>5}{r["step_img_s"]:>12,.0f}'
+              f'{r["epoch_img_s"]:>13,.0f}{r["efficiency"]:>12.3f}{r["eval_img_s"]:>12,.0f}',
+              flush=True)
+
+    data = data_path_rates(device, 256 if args.quick else 2048)
+    print(f'data path alone at {data["px"]} px: the article\'s PIL Resize + ToTensor '
+          f'{data["pil_img_s"]:,.0f} img/s (one process); TensorLoader {data["tensor_img_s"]:,.0f}'
+          f' img/s ({device.type})')
+    article = [r for r in results if r['model'] == 'resnet18-article']
+    for a in article:
+        fixed = next((r for r in results if r['model'] == 'resnet18' and r['px'] == a['px']
+                      and r['batch'] == a['batch'] and r['precision'] == a['precision']), None)
+        if fixed:
+            print(f'the article\'s ResNet18 as written: {a["step_img_s"]:,.0f} img/s against '
+                  f'{fixed["step_img_s"]:,.0f} fixed ({fixed["step_img_s"] / a["step_img_s"]:.1f}x '
+                  f'slower; {a["precision"]}, {a["px"]} px, batch {a["batch"]})')
+    if args.json:
+        train.save_text(json.dumps({'device': name, 'torch': torch.__version__,
+                                    'threads': torch.get_num_threads(), 'steps': steps,
+                                    'repeats': repeats, 'results': results,
+                                    'data_path': data}, indent=1), args.json)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
