@@ -133,32 +133,43 @@ def precision(device, amp):
     return {None: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[dtype]
 
 
-def data_path_rates(device, count, image_size=224, batch_size=128):
-    """img/s of the article's PIL pipeline (one process) against the tensor path, no model."""
+def data_path_rates(device, count, batch_size=128):
+    """img/s of the data path alone, no model: the article's PIL pipeline (Resize(224) +
+    ToTensor, one process) against the TensorLoader at 224 px and at the default 32 px."""
     g = torch.Generator().manual_seed(0)
     arrays = torch.randint(0, 256, (count, 32, 32, 3), generator=g, dtype=torch.uint8)
     pil_images = [Image.fromarray(a.numpy()) for a in arrays]
-    article = transforms.Compose([transforms.Resize((image_size, image_size)),
-                                  transforms.ToTensor()])
+    article = transforms.Compose([transforms.Resize((224, 224)), transforms.ToTensor()])
     t0 = time.perf_counter()
     for img in pil_images:
         article(img)
-    pil_rate = count / (time.perf_counter() - t0)
+    rates = {'pil_224_img_s': round(count / (time.perf_counter() - t0), 1)}
 
     images = arrays.permute(0, 3, 1, 2).contiguous().to(device)
-    loader = train.TensorLoader(images, torch.zeros(count, dtype=torch.long), batch_size,
-                                [0.5] * 3, [0.25] * 3, image_size, train=True,
-                                memory_format=train.memory_format(device))
-    for _ in loader:  # warm-up
-        pass
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in loader:
-        pass
-    sync(device)
-    tensor_rate = len(loader) * batch_size / (time.perf_counter() - t0)
-    return {'px': image_size, 'pil_img_s': round(pil_rate, 1),
-            'tensor_img_s': round(tensor_rate, 1)}
+    for px in (224, 32):
+        loader = train.TensorLoader(images, torch.zeros(count, dtype=torch.long), batch_size,
+                                    [0.5] * 3, [0.25] * 3, px, train=True,
+                                    memory_format=train.memory_format(device))
+        for _ in loader:  # warm-up
+            pass
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in loader:
+            pass
+        sync(device)
+        seconds = time.perf_counter() - t0
+        rates[f'tensor_{px}_img_s'] = round(len(loader) * batch_size / seconds, 1)
+    return rates
+
+
+def device_name(device):
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name()
+    try:  # the CPU's model name, on Linux
+        with open('/proc/cpuinfo') as f:
+            return next(line.split(':', 1)[1].strip() for line in f if 'model name' in line)
+    except (OSError, StopIteration):
+        return device.type
 
 
 def configs(device, quick):
@@ -182,7 +193,7 @@ def main(argv=None):
     p.add_argument('--quick', action='store_true', help='small batches, few steps: a smoke test')
     p.add_argument('--device', choices=['auto', 'cpu', 'cuda', 'mps'], default='auto')
     p.add_argument('--steps', type=train.positive(int), default=None,
-                   help='steps per timed repeat (default: 2 quick, 5 on CPU, 50 on CUDA)')
+                   help='steps per timed repeat (default: 2 quick, 3 on CPU, 50 on CUDA)')
     p.add_argument('--repeats', type=train.positive(int), default=None,
                    help='timed repeats; the median is reported (default: 1 quick, else 3)')
     p.add_argument('--json', metavar='PATH', help='also write the results as JSON')
@@ -195,10 +206,10 @@ def main(argv=None):
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
     torch.set_float32_matmul_precision('high')
-    steps = args.steps or (2 if args.quick else 50 if device.type == 'cuda' else 5)
+    steps = args.steps or (2 if args.quick else 50 if device.type == 'cuda' else 3)
     repeats = args.repeats or (1 if args.quick else 3)
 
-    name = torch.cuda.get_device_name() if device.type == 'cuda' else device.type
+    name = device_name(device)
     print(f'device: {name}; torch {torch.__version__}; {torch.get_num_threads()} CPU threads; '
           f'{steps} steps a repeat, median of {repeats}', flush=True)
     print(f'{"model":<17}{"prec":<6}{"batch":>6}{"px":>5}{"step img/s":>12}{"epoch img/s":>13}'
@@ -211,10 +222,11 @@ def main(argv=None):
               f'{r["epoch_img_s"]:>13,.0f}{r["efficiency"]:>12.3f}{r["eval_img_s"]:>12,.0f}',
               flush=True)
 
-    data = data_path_rates(device, 256 if args.quick else 2048)
-    print(f'data path alone at {data["px"]} px: the article\'s PIL Resize + ToTensor '
-          f'{data["pil_img_s"]:,.0f} img/s (one process); TensorLoader {data["tensor_img_s"]:,.0f}'
-          f' img/s ({device.type})')
+    data = data_path_rates(device, 256 if args.quick else 4096)
+    print(f'data path alone: the article\'s PIL Resize(224) + ToTensor '
+          f'{data["pil_224_img_s"]:,.0f} img/s (one process); TensorLoader '
+          f'{data["tensor_224_img_s"]:,.0f} img/s at 224 px, {data["tensor_32_img_s"]:,.0f} '
+          f'img/s at 32 px ({device.type})')
     article = [r for r in results if r['model'] == 'resnet18-article']
     for a in article:
         fixed = next((r for r in results if r['model'] == 'resnet18' and r['px'] == a['px']

@@ -135,8 +135,12 @@ def load_image_folder(root, image_size, workers=0, need_train=True):
     # Small square images (CIFAR's 32 px) are held at their own size and resized per batch on
     # the device: 224 px training on CIFAR then holds 150 MB, not 7.5 GB. Others are resized
     # to image_size here, once.
-    with Image.open(train_files[0]) as img:
-        w, h = img.size
+    try:
+        with Image.open(train_files[0]) as img:
+            w, h = img.size
+    except Exception as e:
+        raise UsageError(f'{train_files[0]} is not a readable image ({type(e).__name__}); '
+                         f'remove or replace it') from None
     size = w if w == h and w <= image_size else image_size
 
     workers = workers or os.cpu_count() or 1
@@ -310,28 +314,25 @@ class Trainer:
     def epoch_valid(self, valid_loader):
         self.model.eval()
         epoch_loss = torch.zeros((), device=self.device)
-        class_correct = None
-        class_total = None
+        class_correct = class_total = 0  # per-class counts, (num_classes,) after a batch
 
         for inputs, targets in valid_loader:
             with self._autocast():
                 outputs = self.model(inputs)
             # The loss in fp32 (the logits may be bf16 under autocast).
             epoch_loss += self.criterion(outputs.float(), targets) * targets.size(0)
-            hit = (outputs.argmax(dim=1) == targets).long()
-            n = outputs.shape[1]
-            c = torch.bincount(targets, weights=hit, minlength=n)
-            t = torch.bincount(targets, minlength=n)
-            class_correct = c if class_correct is None else class_correct + c
-            class_total = t if class_total is None else class_total + t
+            hit = (outputs.argmax(dim=1) == targets).float()
+            zeros = outputs.new_zeros(outputs.shape[1], dtype=torch.float)
+            class_correct = class_correct + zeros.index_add(0, targets, hit)
+            class_total = class_total + zeros.index_add(0, targets, torch.ones_like(hit))
 
         total = class_total.sum().item()
-        self.class_accuracy = (100 * class_correct.float() / class_total.clamp_min(1)).tolist()
+        self.class_accuracy = (100 * class_correct / class_total.clamp_min(1)).tolist()
         return epoch_loss.item() / total, 100 * class_correct.sum().item() / total
 
     @property
     def params(self):
-        return self.model.state_dict()  # live tensors: copy before keeping (see main)
+        return self.model.state_dict()  # live tensors: copy before keeping (see train())
 
 
 def amp_dtype(device):
