@@ -456,6 +456,19 @@ class TrainTest(unittest.TestCase):
         self.assertTrue(torch.equal(torch.load(path, weights_only=True)['a'], torch.ones(3)))
         self.assertEqual([p.name for p in self.dir.iterdir()], ['w.pth'])
 
+    def test_plot_is_optional(self):
+        history = [{'epoch': e, 'train_loss': 1 / e, 'train_acc': 50 + e, 'valid_loss': 1 / e,
+                    'valid_acc': 40 + e} for e in (1, 2, 3)]
+        with mock.patch.dict(sys.modules, {'matplotlib': None}):  # not installed
+            train.save_plot(history, self.dir / 'none.png')
+        self.assertFalse((self.dir / 'none.png').exists())
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            self.skipTest('matplotlib is not installed')
+        train.save_plot(history, self.dir / 'plot.png')
+        self.assertEqual((self.dir / 'plot.png').read_bytes()[:8], b'\x89PNG\r\n\x1a\n')
+
     def test_better_weights_are_not_replaced(self):
         code, _, err = self.train()
         self.assertEqual(code, 0, err)
@@ -480,13 +493,18 @@ class TrainInputTest(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.TemporaryDirectory()
         self.root = Path(self.tmp.name)
+        # No test downloads: a test that reached CIFAR-10's download by mistake fails here.
+        no_download = mock.patch.object(torchvision.datasets.CIFAR10, 'download',
+                                        side_effect=AssertionError('a test tried to download'))
+        no_download.start()
+        self.addCleanup(no_download.stop)
 
     def tearDown(self):
         self.tmp.cleanup()
 
     def assertFails(self, argv, text):
-        code, _, err = run_main(*argv, '--out', self.root / 'w.pth', '--device', 'cpu',
-                                '--workers', 1)
+        code, _, err = run_main('--out', self.root / 'w.pth', '--device', 'cpu', '--workers', 1,
+                                '--data-root', self.root, *argv)
         self.assertEqual(code, 2, err)
         self.assertIn(text, err)
         self.assertNotIn('Traceback', err)
@@ -536,7 +554,8 @@ class TrainInputTest(unittest.TestCase):
                 pickle.dump({'data': data, 'labels': labels}, f)
         with open(folder / 'batches.meta', 'wb') as f:
             pickle.dump({'label_names': [f'class{i}' for i in range(10)]}, f)
-        with mock.patch('torchvision.datasets.cifar.check_integrity', return_value=True):
+        with mock.patch('torchvision.datasets.cifar.check_integrity', return_value=True), \
+                mock.patch.object(torchvision.datasets.CIFAR10, 'download'):
             code, out, err = run_main('--data-root', self.root, '--epochs', 1, '--batch-size', 25,
                                       '--out', self.root / 'w.pth', '--device', 'cpu')
         self.assertEqual(code, 0, err)
@@ -546,7 +565,11 @@ class TrainInputTest(unittest.TestCase):
     def test_offline_download_says_what_to_do(self):
         offline = urllib.error.URLError('network is unreachable')
         with mock.patch.object(torchvision.datasets.CIFAR10, 'download', side_effect=offline):
-            self.assertFails(['--data-root', self.root], 'cifar-10-python.tar.gz')
+            self.assertFails([], 'cifar-10-python.tar.gz')
+
+    @unittest.skipIf(torch.cuda.is_available(), 'this machine has a CUDA GPU')
+    def test_cuda_asked_for_but_missing(self):
+        self.assertFails(['--device', 'cuda'], 'sees no CUDA GPU')
 
     def test_resume_without_checkpoint(self):
         self.assertFails(['--resume'], 'nothing to resume')

@@ -535,7 +535,6 @@ def load_data(args, need_train=True):
 
 def print_class_accuracy(classes, accuracy):
     width = max(len(c) for c in classes)
-    print('per-class accuracy:')
     for name, acc in zip(classes, accuracy):
         print(f'  {name:<{width}}  {acc:6.2f}%')
 
@@ -562,10 +561,12 @@ def evaluate(args, device):
 
     model = build_model(model_name, len(classes), small_input)
     load_into(model, state, path, model_name + (' --small-input' if small_input else ''))
-    trainer = Trainer(model, None, nn.CrossEntropyLoss(), device)
+    mf = memory_format(device)
+    trainer = Trainer(model.to(memory_format=mf), None, nn.CrossEntropyLoss(), device)
     loader = TensorLoader(test_x.to(device), test_y, config.EVAL_BATCH_SIZE, mean, std,
-                          image_size, train=False, memory_format=memory_format(device))
+                          image_size, train=False, memory_format=mf)
     loss, acc = trainer.epoch_valid(loader)
+    print('per-class accuracy:')
     print_class_accuracy(classes, trainer.class_accuracy)
     print(f'{path}: test accuracy {acc:.2f}% on {len(test_x):,} images ({model_name}, '
           f'{image_size} px, loss {loss:.3f})')
@@ -644,7 +645,9 @@ def train(args, device):
     print(f'{args.model}{" (small input)" if args.small_input else ""}, {device.type}, '
           f'{args.epochs} epochs of {len(train_loader)} batches of {args.batch_size}, peak lr {lr}')
     out.parent.mkdir(parents=True, exist_ok=True)
-    best_params, best_class_accuracy = None, None
+    best_params = None
+    run_best = (-1.0, 0, None)  # this run's best: accuracy, epoch, per-class accuracy
+    improved = False  # whether this run beat the weights already in out (if any)
     epoch, last_save = start - 1, time.monotonic()
 
     def save(completed):
@@ -681,9 +684,10 @@ def train(args, device):
             valid_loss, valid_acc = trainer.epoch_valid(valid_loader)
             seconds = time.perf_counter() - t0
 
+            if valid_acc > run_best[0]:
+                run_best = (valid_acc, epoch, trainer.class_accuracy)
             if valid_acc > best_acc:
-                best_acc, best_epoch = valid_acc, epoch
-                best_class_accuracy = trainer.class_accuracy
+                best_acc, best_epoch, improved = valid_acc, epoch, True
                 # The article kept `trainer.params`, a live view of the weights, so the "best"
                 # weights it saved were the last epoch's. Copy them.
                 best_params = {k: v.detach().clone() for k, v in trainer.params.items()}
@@ -703,17 +707,21 @@ def train(args, device):
                 save(completed=True)
     except KeyboardInterrupt:
         save(completed=False)
-        print(f'\ninterrupted in epoch {epoch}; the best weights so far ({best_acc:.2f}%) are in '
-              f'{out}. To continue: python train.py --resume with the same arguments',
-              file=sys.stderr)
+        kept = (f'the best weights so far ({best_acc:.2f}%) are in {out}' if out.exists()
+                else 'no epoch had finished, so nothing was saved')
+        resume = ('; to continue: python train.py --resume with the same arguments'
+                  if ckpt_path.exists() else '')
+        print(f'\ninterrupted in epoch {epoch}; {kept}{resume}', file=sys.stderr)
         return 130
 
-    if best_class_accuracy is not None:  # this run, not an earlier better one, set the best
-        print_class_accuracy(classes, best_class_accuracy)
+    print(f'per-class accuracy at epoch {run_best[1]}, this run\'s best:')
+    print_class_accuracy(classes, run_best[2])
+    if improved:
         print(f'done: best valid accuracy {best_acc:.2f}% at epoch {best_epoch}, saved to {out}')
     else:
-        print(f'done: this run did not beat the best valid accuracy {best_acc:.2f}% '
-              f'(epoch {best_epoch}) already saved to {out}, which is kept')
+        print(f'done: this run\'s best valid accuracy {run_best[0]:.2f}% (epoch {run_best[1]}) '
+              f'did not beat the {best_acc:.2f}% (epoch {best_epoch}) already in {out}, '
+              f'which is kept')
     return 0
 
 
