@@ -36,6 +36,10 @@ def run_script(name):
                           check=True, timeout=120).stdout
 
 
+def blocks_per_stage(model):
+    return [1 + len(s.blocks) for s in (model.layer1, model.layer2, model.layer3, model.layer4)]
+
+
 def copy_weights(src, dst):
     """Copy src's parameters and buffers into dst in order, tensor by tensor."""
     src_t = list(src.state_dict().values())
@@ -162,9 +166,7 @@ class ResNet18Test(TorchvisionEquivalence, unittest.TestCase):
         self.assertEqual(count_parameters(ResNet18(10, small_input=True)), 11_173_962)
 
     def test_two_blocks_per_stage(self):
-        model = ResNet18(10)
-        for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
-            self.assertEqual(1 + len(stage.blocks), 2)
+        self.assertEqual(blocks_per_stage(ResNet18(10)), [2, 2, 2, 2])
 
     def test_feature_maps_halve_each_stage(self):
         model = ResNet18(10).eval()
@@ -222,8 +224,7 @@ class ResNet34Test(TorchvisionEquivalence, unittest.TestCase):
     def test_parameter_count_and_blocks(self):
         model = ResNet34(10)
         self.assertEqual(count_parameters(model), 21_289_802)
-        self.assertEqual([1 + len(s.blocks) for s in (model.layer1, model.layer2, model.layer3,
-                                                      model.layer4)], [3, 4, 6, 3])
+        self.assertEqual(blocks_per_stage(model), [3, 4, 6, 3])
 
 
 class ResNet50Test(TorchvisionEquivalence, unittest.TestCase):
@@ -234,8 +235,7 @@ class ResNet50Test(TorchvisionEquivalence, unittest.TestCase):
         model = ResNet50(10)
         self.assertEqual(count_parameters(model), 23_528_522)
         self.assertIsInstance(model.layer1.first_block, layers.Bottleneck)
-        self.assertEqual([1 + len(s.blocks) for s in (model.layer1, model.layer2, model.layer3,
-                                                      model.layer4)], [3, 4, 6, 3])
+        self.assertEqual(blocks_per_stage(model), [3, 4, 6, 3])
 
 
 # ----------------------------------------------------------------------------------------------
