@@ -193,7 +193,7 @@ def main(argv=None):
     p.add_argument('--quick', action='store_true', help='small batches, few steps: a smoke test')
     p.add_argument('--device', choices=['auto', 'cpu', 'cuda', 'mps'], default='auto')
     p.add_argument('--steps', type=train.positive(int), default=None,
-                   help='steps per timed repeat (default: 2 quick, 3 on CPU, 50 on CUDA)')
+                   help='steps per timed repeat (default: 1 quick, 3 on CPU, 50 on CUDA)')
     p.add_argument('--repeats', type=train.positive(int), default=None,
                    help='timed repeats; the median is reported (default: 1 quick, else 3)')
     p.add_argument('--json', metavar='PATH', help='also write the results as JSON')
@@ -206,7 +206,7 @@ def main(argv=None):
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
     torch.set_float32_matmul_precision('high')
-    steps = args.steps or (2 if args.quick else 50 if device.type == 'cuda' else 3)
+    steps = args.steps or (1 if args.quick else 50 if device.type == 'cuda' else 3)
     repeats = args.repeats or (1 if args.quick else 3)
 
     name = device_name(device)

@@ -464,47 +464,58 @@ def load_into(model, state, path, what):
 # ----------------------------------------------------------------------------------------------
 # The command line.
 
-def positive(kind):
+def positive(kind, allow_zero=False):
+    """An argparse type: a number of `kind` above 0 (or 0 and above, with allow_zero)."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
-        if not value > 0 or not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f'must be positive, got {text}')
+        if not (value >= 0 if allow_zero else value > 0) or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(
+                f'must be {"0 or more" if allow_zero else "positive"}, got {text}')
         return value
     return parse
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description='Train ResNet18 (or another model) on CIFAR-10 or an image folder.',
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description='Train ResNet18 (or another model) on CIFAR-10 or an image folder.')
     p.add_argument('--data', default=config.DATA_DIR, metavar='DIR',
-                   help='ImageFolder tree DIR/train/<class>/*, DIR/test/<class>/*; '
-                        'without it, CIFAR-10 (downloaded into --data-root)')
+                   help='ImageFolder tree DIR/train/<class>/*, DIR/test/<class>/* '
+                        '(default: CIFAR-10, downloaded into --data-root)')
     p.add_argument('--data-root', default=config.DATA_ROOT, metavar='DIR',
-                   help='where CIFAR-10 is downloaded or placed')
-    p.add_argument('--epochs', type=positive(int), default=config.NUM_EPOCHS)
-    p.add_argument('--batch-size', type=positive(int), default=config.BATCH_SIZE)
+                   help='where CIFAR-10 is downloaded or placed (default: %(default)s)')
+    p.add_argument('--epochs', type=positive(int), default=config.NUM_EPOCHS,
+                   help='passes over the training set (default: %(default)s)')
+    p.add_argument('--batch-size', type=positive(int), default=config.BATCH_SIZE,
+                   help='images per step (default: %(default)s)')
     p.add_argument('--lr', type=positive(float), default=None,
-                   help=f'peak learning rate (default: {config.LR}, '
+                   help=f'peak learning rate (default: {config.LR}; '
                         f'{config.ALEXNET_LR} for alexnet)')
-    p.add_argument('--image-size', type=positive(int), default=config.IMAGE_SIZE, metavar='PX')
-    p.add_argument('--model', choices=sorted(MODELS), default=config.MODEL)
+    p.add_argument('--image-size', type=positive(int), default=config.IMAGE_SIZE, metavar='PX',
+                   help='side of the square images fed to the model (default: %(default)s)')
+    p.add_argument('--model', choices=sorted(MODELS), default=config.MODEL,
+                   help='network to train (default: %(default)s)')
     p.add_argument('--small-input', action='store_true', default=config.SMALL_INPUT,
                    help='ResNet stem for small images: 3x3/1 conv, no max-pool')
-    p.add_argument('--device', choices=['auto', 'cpu', 'cuda', 'mps'], default=config.DEVICE)
-    p.add_argument('--seed', type=int, default=config.SEED)
+    p.add_argument('--device', choices=['auto', 'cpu', 'cuda', 'mps'], default=config.DEVICE,
+                   help='auto picks cuda, then mps, then cpu (default: %(default)s)')
+    p.add_argument('--seed', type=positive(int, allow_zero=True), default=config.SEED,
+                   help='seeds weights, shuffling and augmentation (default: %(default)s)')
     p.add_argument('--out', default=config.OUT_PATH, metavar='PATH',
-                   help='best weights; .json, .csv, .png and .ckpt are written beside it')
+                   help='best weights; .json, .csv, .png and .ckpt go beside it '
+                        '(default: %(default)s)')
     p.add_argument('--resume', action='store_true',
                    help='continue the interrupted run whose checkpoint is beside --out')
     p.add_argument('--eval', metavar='PATH', help='test saved weights and train nothing')
-    p.add_argument('--workers', type=int, default=config.NUM_WORKERS,
-                   help='processes decoding an image folder (0: one per CPU core)')
-    p.add_argument('--save-every', type=float, default=config.SAVE_EVERY, metavar='SECONDS',
-                   help='seconds between writes of the weights and the checkpoint')
+    p.add_argument('--workers', type=positive(int, allow_zero=True),
+                   default=config.NUM_WORKERS,
+                   help='processes decoding an image folder; 0: one per CPU core '
+                        '(default: %(default)s)')
+    p.add_argument('--save-every', type=positive(float, allow_zero=True),
+                   default=config.SAVE_EVERY, metavar='SECONDS',
+                   help='seconds between writes of weights and checkpoint (default: %(default)s)')
     return p.parse_args(argv)
 
 
