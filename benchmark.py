@@ -83,7 +83,7 @@ class Resident:
         return (self.batch for _ in range(self.steps))
 
 
-def measure(name, image_size, batch_size, device, amp, steps, repeats, warmup=1):
+def measure(name, image_size, batch_size, device, amp, steps, repeats, graphs=False, warmup=1):
     """Raw step, Trainer epoch and eval img/s for one configuration (medians of repeats)."""
     torch.manual_seed(0)
     mf = train.memory_format(device)
@@ -105,6 +105,8 @@ def measure(name, image_size, batch_size, device, amp, steps, repeats, warmup=1)
                                memory_format=mf)
     inputs, targets = next(iter(loader))
     resident = Resident(inputs, targets, steps)
+    if graphs:  # as train.py does on CUDA
+        train.graph_model(model, inputs, trainer.amp_dtype)
 
     def rate(fn, count):
         sync(device)
@@ -113,8 +115,9 @@ def measure(name, image_size, batch_size, device, amp, steps, repeats, warmup=1)
         sync(device)
         return count / (time.perf_counter() - t0)
 
-    trainer.epoch_train(Resident(inputs, targets, warmup))
-    trainer.epoch_valid(valid)
+    if warmup:
+        trainer.epoch_train(Resident(inputs, targets, warmup))
+        trainer.epoch_valid(valid)
     raw, epoch, evals = [], [], []
     for r in range(repeats):  # interleaved, so drifting clocks hit both alike
         raw.append(rate(lambda: trainer.epoch_train(resident), n))
@@ -123,7 +126,8 @@ def measure(name, image_size, batch_size, device, amp, steps, repeats, warmup=1)
         evals.append(rate(lambda: trainer.epoch_valid(valid), n))
     step_rate, epoch_rate = statistics.median(raw), statistics.median(epoch)
     return {'model': name, 'device': device.type, 'precision': precision(device, amp),
-            'batch': batch_size, 'px': image_size, 'step_img_s': round(step_rate, 1),
+            'graphs': graphs, 'batch': batch_size, 'px': image_size,
+            'step_img_s': round(step_rate, 1),
             'epoch_img_s': round(epoch_rate, 1), 'efficiency': round(epoch_rate / step_rate, 3),
             'eval_img_s': round(statistics.median(evals), 1)}
 
@@ -173,26 +177,29 @@ def device_name(device):
 
 
 def configs(device, quick):
-    """(model, px, batch, amp) rows for this device."""
+    """(model, px, batch, amp, CUDA graphs) rows for this device."""
     if quick:
-        return [('resnet18', 32, 8, True), ('resnet18-small', 16, 8, True),
-                ('alexnet', 67, 8, True), ('resnet18-article', 32, 8, True)]
-    if device.type == 'cuda':
-        return [('resnet18', 32, 512, True), ('resnet18', 32, 512, False),
-                ('resnet18-small', 32, 512, True), ('alexnet', 227, 128, True),
-                ('resnet18', 224, 128, True), ('resnet18', 224, 128, False),
-                ('resnet18-article', 224, 128, False)]
-    return [('resnet18', 32, 512, True), ('resnet18-small', 32, 128, True),
-            ('alexnet', 67, 128, True), ('resnet18-article', 32, 128, True),
-            ('resnet18', 32, 128, True)]
+        return [('resnet18', 32, 8, True, False), ('resnet18-small', 16, 8, True, False),
+                ('alexnet', 67, 8, True, False), ('resnet18-article', 32, 8, True, False)]
+    if device.type == 'cuda':  # graphs as train.py uses them; eager rows to compare
+        return [('resnet18', 32, 512, True, True), ('resnet18', 32, 512, True, False),
+                ('resnet18', 32, 512, False, True), ('resnet18', 32, 512, False, False),
+                ('resnet18-small', 32, 512, True, True), ('alexnet', 227, 128, True, False),
+                ('resnet18', 224, 128, True, True), ('resnet18', 224, 128, False, False),
+                ('resnet18-article', 224, 128, False, False)]
+    return [('resnet18', 32, 512, True, False), ('resnet18-small', 32, 128, True, False),
+            ('alexnet', 67, 128, True, False), ('resnet18-article', 32, 128, True, False),
+            ('resnet18', 32, 128, True, False)]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--quick', action='store_true', help='small batches, few steps: a smoke test')
+    p.add_argument('--quick', action='store_true',
+                   help='small batches, one step, no warm-up: a smoke test')
     p.add_argument('--device', choices=['auto', 'cpu', 'cuda', 'mps'], default='auto')
     p.add_argument('--steps', type=train.positive(int), default=None,
-                   help='steps per timed repeat (default: 1 quick, 3 on CPU, 50 on CUDA)')
+                   help='steps per timed repeat (default: 1 quick, 3 on CPU, 50 on CUDA; '
+                        'a fifth of that for the article\'s network on CUDA)')
     p.add_argument('--repeats', type=train.positive(int), default=None,
                    help='timed repeats; the median is reported (default: 1 quick, else 3)')
     p.add_argument('--json', metavar='PATH', help='also write the results as JSON')
@@ -211,13 +218,25 @@ def main(argv=None):
     name = device_name(device)
     print(f'device: {name}; torch {torch.__version__}; {torch.get_num_threads()} CPU threads; '
           f'{steps} steps a repeat, median of {repeats}', flush=True)
-    print(f'{"model":<17}{"prec":<6}{"batch":>6}{"px":>5}{"step img/s":>12}{"epoch img/s":>13}'
+    print(f'{"model":<17}{"prec":<6}{"launch":<7}{"batch":>6}{"px":>5}{"step img/s":>12}'
+          f'{"epoch img/s":>13}'
           f'{"efficiency":>12}{"eval img/s":>12}')
-    results = []
-    for model, px, batch, amp in configs(device, args.quick):
-        r = measure(model, px, batch, device, amp, steps, repeats)
+    results, failed = [], []
+    for model, px, batch, amp, graphs in configs(device, args.quick):
+        # On CUDA the article's network runs ~10x slower: a fifth of the steps still takes seconds.
+        fewer = model == 'resnet18-article' and device.type == 'cuda' and not args.steps
+        n_steps = steps // 5 if fewer else steps
+        try:
+            r = measure(model, px, batch, device, amp, n_steps, repeats, graphs,
+                        warmup=0 if args.quick else 1)
+        except RuntimeError as e:  # one failed row (out of memory, say) still leaves the others
+            failed.append(model)
+            print(f'{model:<17}{precision(device, amp):<6}{"graph" if graphs else "eager":<7}'
+                  f'{batch:>6}{px:>5}  failed: {str(e).splitlines()[0][:200]}', flush=True)
+            continue
         results.append(r)
-        print(f'{model:<17}{r["precision"]:<6}{batch:>6}{px:>5}{r["step_img_s"]:>12,.0f}'
+        print(f'{model:<17}{r["precision"]:<6}{"graph" if graphs else "eager":<7}{batch:>6}{px:>5}'
+              f'{r["step_img_s"]:>12,.0f}'
               f'{r["epoch_img_s"]:>13,.0f}{r["efficiency"]:>12.3f}{r["eval_img_s"]:>12,.0f}',
               flush=True)
 
@@ -229,7 +248,8 @@ def main(argv=None):
     article = [r for r in results if r['model'] == 'resnet18-article']
     for a in article:
         fixed = next((r for r in results if r['model'] == 'resnet18' and r['px'] == a['px']
-                      and r['batch'] == a['batch'] and r['precision'] == a['precision']), None)
+                      and r['batch'] == a['batch'] and r['precision'] == a['precision']
+                      and r['graphs'] == a['graphs']), None)
         if fixed:
             print(f'the article\'s ResNet18 as written: {a["step_img_s"]:,.0f} img/s against '
                   f'{fixed["step_img_s"]:,.0f} fixed ({fixed["step_img_s"] / a["step_img_s"]:.1f}x '
@@ -238,8 +258,8 @@ def main(argv=None):
         train.save_text(json.dumps({'device': name, 'torch': torch.__version__,
                                     'threads': torch.get_num_threads(), 'steps': steps,
                                     'repeats': repeats, 'results': results,
-                                    'data_path': data}, indent=1), args.json)
-    return 0
+                                    'data_path': data, 'failed': failed}, indent=1), args.json)
+    return 1 if failed else 0
 
 
 if __name__ == '__main__':

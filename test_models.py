@@ -358,6 +358,27 @@ class TrainTest(unittest.TestCase):
         self.assertFalse(torch.equal(saved[key], states[1][key]))
         self.assertIn('best valid accuracy 60.00% at epoch 1', out)
 
+    def test_cuda_graphs_are_recorded_once_on_a_full_train_batch(self):
+        # CUDA graphs hold fixed input buffers, so the sample must be a train batch (all are
+        # full), recorded in train mode: the graphs replay only in the mode they were made in.
+        calls = []
+
+        def record(model, sample, amp_dtype):
+            calls.append((model.training, tuple(sample.shape), amp_dtype))
+
+        with mock.patch.object(train, 'use_cuda_graphs', return_value=True), \
+                mock.patch.object(train, 'graph_model', side_effect=record):
+            code, _, err = self.train()
+        self.assertEqual(code, 0, err)
+        self.assertEqual(calls, [(True, (16, 3, 8, 8), None)])
+
+    def test_cuda_graphs_only_for_resnets_on_cuda(self):
+        cuda, cpu = torch.device('cuda'), torch.device('cpu')
+        self.assertTrue(train.use_cuda_graphs(train.parse_args([]), cuda))
+        self.assertFalse(train.use_cuda_graphs(train.parse_args([]), cpu))
+        self.assertFalse(train.use_cuda_graphs(train.parse_args(['--no-cuda-graphs']), cuda))
+        self.assertFalse(train.use_cuda_graphs(train.parse_args(['--model', 'alexnet']), cuda))
+
     def test_validation_runs_without_autograd(self):
         model = ResNet18(3)
         seen = []
@@ -541,6 +562,11 @@ class TrainInputTest(unittest.TestCase):
         (self.root / 'train' / 'cat').mkdir()
         (self.root / 'test' / 'cat').mkdir()
         self.assertFails(['--data', self.root], 'holds no images')
+        Image.new('RGB', (8, 8)).save(self.root / 'train' / 'cat' / 'a.png')
+        Image.new('RGB', (8, 8)).save(self.root / 'test' / 'cat' / 'a.png')
+        (self.root / 'train' / 'dog').mkdir()
+        (self.root / 'test' / 'dog').mkdir()
+        self.assertFails(['--data', self.root], f"{Path(self.root, 'train', 'dog')} holds no")
 
     def test_class_sets_differ(self):
         data = make_colour_folder(self.root / 'd', n_train=1, n_test=1)
@@ -677,6 +703,24 @@ class BenchmarkTest(unittest.TestCase):
                 self.assertGreater(r[key], 0, (r['model'], key))
         for key in ('pil_224_img_s', 'tensor_224_img_s', 'tensor_32_img_s'):
             self.assertGreater(result['data_path'][key], 0)
+
+    def test_a_failed_row_is_reported_and_fails_the_run(self):
+        import benchmark
+
+        def measure(name, *args, **kwargs):
+            if name == 'alexnet':
+                raise RuntimeError('CUDA out of memory. Tried to allocate\n(details)')
+            return {'model': name, 'px': 32, 'batch': 8, 'precision': 'fp32', 'graphs': False,
+                    'step_img_s': 2.0, 'epoch_img_s': 1.0, 'efficiency': 0.5, 'eval_img_s': 3.0}
+
+        rates = {'pil_224_img_s': 1, 'tensor_224_img_s': 2, 'tensor_32_img_s': 3}
+        with mock.patch.object(benchmark, 'measure', measure), \
+                mock.patch.object(benchmark, 'data_path_rates', return_value=rates), \
+                contextlib.redirect_stdout(io.StringIO()) as out:
+            code = benchmark.main(['--quick', '--device', 'cpu'])
+        self.assertEqual(code, 1)
+        self.assertIn('failed: CUDA out of memory. Tried to allocate', out.getvalue())
+        self.assertIn('resnet18-article', out.getvalue())  # the rows after it still ran
 
     def test_article_specimen_has_the_article_bugs(self):
         # The specimen the benchmark times is the article's network: 3 blocks a stage, no
