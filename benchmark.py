@@ -179,8 +179,8 @@ def device_name(device):
 def configs(device, quick):
     """(model, px, batch, amp, CUDA graphs) rows for this device."""
     if quick:
-        return [('resnet18', 32, 8, True, False), ('resnet18-small', 16, 8, True, False),
-                ('alexnet', 67, 8, True, False), ('resnet18-article', 32, 8, True, False)]
+        return [('resnet18', 16, 8, True, False), ('resnet18-small', 16, 8, True, False),
+                ('alexnet', 67, 8, True, False), ('resnet18-article', 16, 8, True, False)]
     if device.type == 'cuda':  # graphs as train.py uses them; eager rows to compare
         return [('resnet18', 32, 512, True, True), ('resnet18', 32, 512, True, False),
                 ('resnet18', 32, 512, False, True), ('resnet18', 32, 512, False, False),

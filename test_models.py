@@ -368,7 +368,7 @@ class TrainTest(unittest.TestCase):
 
         with mock.patch.object(train, 'use_cuda_graphs', return_value=True), \
                 mock.patch.object(train, 'graph_model', side_effect=record):
-            code, _, err = self.train()
+            code, _, err = self.train('--epochs', 1)
         self.assertEqual(code, 0, err)
         self.assertEqual(calls, [(True, (16, 3, 8, 8), None)])
 
