@@ -407,6 +407,21 @@ class TrainTest(unittest.TestCase):
             expected = nn.functional.cross_entropy(model(inputs), labels).item()
         self.assertAlmostEqual(loss, expected, places=5)
 
+    def test_train_loss_and_accuracy_are_over_samples(self):
+        # As in validation, the article's mean of batch means over-weighted a short batch.
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights stay put
+        trainer = train.Trainer(model, optimizer, nn.CrossEntropyLoss())
+        inputs, labels = torch.randn(9, 3, 2, 2), torch.arange(9) % 3
+        batches = [(inputs[i:i + 4], labels[i:i + 4]) for i in (0, 4, 8)]  # 4, 4 and 1
+        loss, acc = trainer.epoch_train(batches)
+        with torch.no_grad():
+            outputs = model(inputs)
+        self.assertAlmostEqual(loss, nn.functional.cross_entropy(outputs, labels).item(),
+                               places=5)
+        self.assertAlmostEqual(acc, 100 * (outputs.argmax(1) == labels).sum().item() / 9)
+
     def test_resume_gives_the_same_result(self):
         code, _, err = self.train('--save-every', 0, out=self.dir / 'a' / 'weight.pth')
         self.assertEqual(code, 0, err)
@@ -660,12 +675,59 @@ class DataPathTest(unittest.TestCase):
         idx = torch.arange(4)
         centre = torch.full((4, 2), 4)
         no, yes = torch.zeros(4, dtype=torch.bool), torch.ones(4, dtype=torch.bool)
-        self.assertTrue(torch.equal(loader._crop_flip(idx, centre, no), images))
-        self.assertTrue(torch.equal(loader._crop_flip(idx, centre, yes), images.flip(3)))
+
+        def crop(shift, flip):
+            return loader._gather(idx, *loader._crop_windows(shift, flip))
+        self.assertTrue(torch.equal(crop(centre, no), images))
+        self.assertTrue(torch.equal(crop(centre, yes), images.flip(3)))
         padded = nn.functional.pad(images.float(), (4, 4, 4, 4), mode='reflect')
         corner = torch.tensor([[0, 8]] * 4)  # top rows, right-most columns
-        self.assertTrue(torch.equal(loader._crop_flip(idx, corner, no).float(),
-                                    padded[:, :, 0:8, 8:16]))
+        self.assertTrue(torch.equal(crop(corner, no).float(), padded[:, :, 0:8, 8:16]))
+
+    def test_each_image_once_an_epoch_with_its_label(self):
+        # Every train sample must be a reflect-padded crop (flipped or not) of the image its
+        # label belongs to, and every image must come once an epoch: here label i is image i.
+        n, p = 12, 2
+        g = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (n, 3, 8, 8), generator=g, dtype=torch.uint8)
+        loader = train.TensorLoader(images, torch.arange(n), 4, [0] * 3, [1 / 255] * 3, 8,
+                                    train=True, padding=p)
+        padded = nn.functional.pad(images.float(), (p, p, p, p), mode='reflect')
+        crops = [[padded[i, :, r:r + 8, c:c + 8] for r in range(2 * p + 1)
+                  for c in range(2 * p + 1)] for i in range(n)]
+        for epoch in (0, 1):
+            loader.set_epoch(epoch)
+            seen = []
+            for x, y in loader:
+                for sample, label in zip(x, y.tolist()):
+                    seen.append(label)
+                    self.assertTrue(any(torch.equal(sample, c) or torch.equal(sample, c.flip(2))
+                                        for c in crops[label]), f'sample of image {label}')
+            self.assertEqual(sorted(seen), list(range(n)))
+
+    def test_a_train_batch_is_one_gather_and_a_normalise(self):
+        # Crop windows and labels are worked out once an epoch. Per batch this leaves four
+        # kernels (gather, to float, multiply, subtract); on a GPU at 32 px each launch costs
+        # about what its work does, and working out the windows per batch took 23.
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class CountKernels(TorchDispatchMode):
+            count = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                self.count += not func.is_view
+                return func(*args, **(kwargs or {}))
+
+        def kernels(n_batches):
+            images = torch.randint(0, 256, (4 * n_batches, 3, 8, 8), dtype=torch.uint8)
+            loader = train.TensorLoader(images, torch.zeros(4 * n_batches, dtype=torch.long), 4,
+                                        [0.5] * 3, [0.25] * 3, 8, train=True,
+                                        memory_format=torch.channels_last)
+            with CountKernels() as mode:
+                for _ in loader:
+                    pass
+            return mode.count
+        self.assertLessEqual((kernels(6) - kernels(2)) / 4, 4)
 
     def test_resize_on_the_device(self):
         images = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)

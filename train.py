@@ -211,30 +211,40 @@ class TensorLoader:
         return math.ceil(n / b)
 
     def __iter__(self):
-        n, b = len(self.images), self.batch_size
         device = self.images.device
+        labels = self.labels
         if self.train:
             # One generator per (seed, epoch): the same run gives the same batches, resumed too.
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            n = len(self.images)
             order = torch.randperm(n, generator=g).to(device)
             shift = torch.randint(0, 2 * self.padding + 1, (n, 2), generator=g).to(device)
             flip = (torch.rand(n, generator=g) < 0.5).to(device)
+            # The whole epoch's crop windows and labels at once, in batch order: a batch is then
+            # slices of these and one gather, a few kernels instead of twenty.
+            rows, cols = self._crop_windows(shift[order], flip[order])
+            labels = labels[order]
+        b = self.batch_size
         for i in range(len(self)):
+            batch = slice(i * b, (i + 1) * b)
             if self.train:
-                idx = order[i * b:(i + 1) * b]
-                x = self._crop_flip(idx, shift[idx], flip[idx])
+                x = self._gather(order[batch], rows[batch], cols[batch])
             else:
-                idx = slice(i * b, (i + 1) * b)
-                x = self.images[idx]
-            yield self._finish(x), self.labels[idx]
+                x = self.images[batch]
+            yield self._finish(x), labels[batch]
 
-    def _crop_flip(self, idx, shift, flip):
-        """Per-sample random crop (reflect padding) and flip, as one gather from the uint8 set."""
+    def _crop_windows(self, shift, flip):
+        """The rows (B, H) and columns (B, W) that each sample's random crop reads: a window
+        shifted by `shift` - padding in the reflect-padded image, its columns reversed where
+        `flip` is set."""
         _, _, h, w = self.images.shape
         p = self.padding
-        rows = _reflect(shift[:, :1] + torch.arange(h, device=idx.device) - p, h)  # (B, H)
-        cols = _reflect(shift[:, 1:] + torch.arange(w, device=idx.device) - p, w)  # (B, W)
-        cols = torch.where(flip[:, None], cols.flip(1), cols)
+        rows = _reflect(shift[:, :1] + torch.arange(h, device=shift.device) - p, h)
+        cols = _reflect(shift[:, 1:] + torch.arange(w, device=shift.device) - p, w)
+        return rows, torch.where(flip[:, None], cols.flip(1), cols)
+
+    def _gather(self, idx, rows, cols):
+        """Images idx, each cropped to its rows and columns, as one gather from the uint8 set."""
         x = self.images[idx[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
         return x.permute(0, 3, 1, 2)  # (B, C, H, W), stored channels-last
 
@@ -283,10 +293,9 @@ class Trainer:
 
     def epoch_train(self, train_loader):
         self.model.train()
-        # Sums stay on the device: no per-batch .item(), so the GPU never waits for the host.
-        epoch_loss = torch.zeros((), device=self.device)
-        correct = torch.zeros((), dtype=torch.long, device=self.device)
-        total = 0
+        # Per-batch losses and predictions stay on the device and are summed once at the end:
+        # no per-batch .item() (the GPU never waits for the host) and one kernel a batch.
+        losses, sizes, predictions, labels = [], [], [], []
         last_print = time.monotonic()
 
         for batch_idx, (inputs, targets) in enumerate(train_loader):
@@ -300,9 +309,10 @@ class Trainer:
             if self.scheduler is not None:
                 self.scheduler.step()
 
-            epoch_loss += loss.detach().float() * targets.size(0)
-            correct += (outputs.argmax(dim=1) == targets).sum()
-            total += targets.size(0)
+            losses.append(loss.detach())
+            sizes.append(targets.size(0))
+            predictions.append(outputs.argmax(dim=1))
+            labels.append(targets)
             if self.progress and time.monotonic() - last_print > 0.5:
                 last_print = time.monotonic()
                 print(f'\r  batch {batch_idx + 1}/{len(train_loader)}  loss {loss.item():.3f}',
@@ -311,7 +321,11 @@ class Trainer:
             print('\r' + ' ' * 40 + '\r', end='', flush=True)
 
         # The article averaged per-batch means; this is the mean over samples.
-        return epoch_loss.item() / total, 100 * correct.item() / total
+        total = sum(sizes)
+        weights = torch.tensor(sizes, dtype=torch.float, device=self.device)
+        epoch_loss = (torch.stack(losses).float() * weights).sum().item() / total
+        correct = (torch.cat(predictions) == torch.cat(labels)).sum().item()
+        return epoch_loss, 100 * correct / total
 
     @torch.no_grad()  # the article validated with autograd on, storing every activation
     def epoch_valid(self, valid_loader):
