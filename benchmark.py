@@ -226,19 +226,18 @@ def main(argv=None):
         # On CUDA the article's network runs ~10x slower: a fifth of the steps still takes seconds.
         fewer = model == 'resnet18-article' and device.type == 'cuda' and not args.steps
         n_steps = steps // 5 if fewer else steps
+        row = (f'{model:<17}{precision(device, amp):<6}{"graph" if graphs else "eager":<7}'
+               f'{batch:>6}{px:>5}')
         try:
             r = measure(model, px, batch, device, amp, n_steps, repeats, graphs,
                         warmup=0 if args.quick else 1)
         except RuntimeError as e:  # one failed row (out of memory, say) still leaves the others
             failed.append(model)
-            print(f'{model:<17}{precision(device, amp):<6}{"graph" if graphs else "eager":<7}'
-                  f'{batch:>6}{px:>5}  failed: {str(e).splitlines()[0][:200]}', flush=True)
+            print(f'{row}  failed: {str(e).splitlines()[0][:200]}', flush=True)
             continue
         results.append(r)
-        print(f'{model:<17}{r["precision"]:<6}{"graph" if graphs else "eager":<7}{batch:>6}{px:>5}'
-              f'{r["step_img_s"]:>12,.0f}'
-              f'{r["epoch_img_s"]:>13,.0f}{r["efficiency"]:>12.3f}{r["eval_img_s"]:>12,.0f}',
-              flush=True)
+        print(f'{row}{r["step_img_s"]:>12,.0f}{r["epoch_img_s"]:>13,.0f}'
+              f'{r["efficiency"]:>12.3f}{r["eval_img_s"]:>12,.0f}', flush=True)
 
     data = data_path_rates(device, 256 if args.quick else 4096)
     print(f'data path alone: the article\'s PIL Resize(224) + ToTensor '

@@ -296,7 +296,7 @@ class Trainer:
         self.model.train()
         # Per-batch losses and predictions stay on the device and are summed once at the end:
         # no per-batch .item() (the GPU never waits for the host) and one kernel a batch.
-        losses, sizes, predictions, labels = [], [], [], []
+        losses, predictions, labels = [], [], []
         last_print = time.monotonic()
 
         for batch_idx, (inputs, targets) in enumerate(train_loader):
@@ -311,7 +311,6 @@ class Trainer:
                 self.scheduler.step()
 
             losses.append(loss.detach())
-            sizes.append(targets.size(0))
             predictions.append(outputs.argmax(dim=1))
             labels.append(targets)
             if self.progress and time.monotonic() - last_print > 0.5:
@@ -322,6 +321,7 @@ class Trainer:
             print('\r' + ' ' * 40 + '\r', end='', flush=True)
 
         # The article averaged per-batch means; this is the mean over samples.
+        sizes = [len(t) for t in labels]
         total = sum(sizes)
         weights = torch.tensor(sizes, dtype=torch.float, device=self.device)
         epoch_loss = (torch.stack(losses).float() * weights).sum().item() / total
