@@ -37,11 +37,15 @@ SCRIPTS = ('resnet.py', 'alexnet.py')
 @functools.lru_cache(maxsize=None)
 def script_outputs():
     """Run each of SCRIPTS as __main__, as `python NAME` does, in one fresh interpreter (one
-    torch import for all); return {name: stdout}."""
+    torch import for all), then `import train`; return {name: stdout}."""
     code = ('import runpy, sys\n'
             'for name in sys.argv[1:]:\n'
             '    print("=== " + name, flush=True)\n'
-            '    runpy.run_path(name, run_name="__main__")\n')
+            '    runpy.run_path(name, run_name="__main__")\n'
+            # And which torchvision modules `import train` brings in (TrainTest).
+            'import train\n'
+            'print("=== import train")\n'
+            'print(*sorted(m for m in sys.modules if m.split(".")[0] == "torchvision"))\n')
     out = subprocess.run([sys.executable, '-c', code, *SCRIPTS], cwd=HERE, capture_output=True,
                          text=True, check=True, timeout=120).stdout
     parts = out.split('=== ')[1:]
@@ -358,6 +362,10 @@ class TrainTest(unittest.TestCase):
         self.assertFalse(torch.equal(saved[key], states[1][key]))
         self.assertIn('best valid accuracy 60.00% at epoch 1', out)
 
+    def test_starts_without_torchvision(self):
+        # Importing torchvision costs about 2 s on 2 cores; train.py needs it for CIFAR-10 only.
+        self.assertEqual(run_script('import train').strip(), '')
+
     def test_cuda_graphs_are_recorded_once_on_a_full_train_batch(self):
         # CUDA graphs hold fixed input buffers, so the sample must be a train batch (all are
         # full), recorded in train mode: the graphs replay only in the mode they were made in.
@@ -646,6 +654,23 @@ class DataPathTest(unittest.TestCase):
             self.assertAlmostEqual(std[c], true_std[c].item(), places=6)
             self.assertAlmostEqual(mean[c], x[:, c].mean().item(), places=6)
             self.assertGreater(std[c], 2 * per_image[c].item())
+
+    def test_decode_keeps_file_order_across_chunks_and_workers(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            files = []
+            for i in range(7):  # image i is filled with the value 10 * i
+                files.append(str(Path(tmp, f'{i}.png')))
+                Image.new('RGB', (4, 4), (10 * i,) * 3).save(files[-1])
+            Image.new('L', (6, 4), 200).save(files[3])  # grayscale and not square
+            images = train.decode_images(files, 4, workers=2, chunk=3)
+            self.assertEqual(images.shape, (7, 3, 4, 4))
+            self.assertEqual(images.dtype, torch.uint8)
+            expected = [10 * i for i in range(7)]
+            expected[3] = 200
+            self.assertEqual(images[:, :, 1, 1].tolist(), [[v] * 3 for v in expected])
+            Path(files[5]).write_bytes(b'not a png')  # in the second of three chunks
+            with self.assertRaisesRegex(train.UsageError, '5.png is not a readable image'):
+                train.decode_images(files, 4, workers=2, chunk=3)
 
     def test_batches_are_normalised_and_augmented(self):
         # The article fed raw [0, 1] pixels with no augmentation.

@@ -25,9 +25,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from PIL import Image
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 import config
 from alexnet import AlexNet
@@ -35,6 +33,9 @@ from resnet import ResNet18, ResNet34, ResNet50
 
 MODELS = {'resnet18': ResNet18, 'resnet34': ResNet34, 'resnet50': ResNet50, 'alexnet': AlexNet}
 CIFAR10_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
+# The file types of torchvision's ImageFolder, listed here so that an image folder is read
+# without importing torchvision (about 2 s of start-up on 2 CPU cores).
+IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 
 
 class UsageError(Exception):
@@ -46,6 +47,7 @@ class UsageError(Exception):
 
 def load_cifar10(root):
     """CIFAR-10 through torchvision, downloaded into root on first use."""
+    import torchvision  # here, not at the top: only this data set needs it (see IMG_EXTENSIONS)
     try:
         train = torchvision.datasets.CIFAR10(root, train=True, download=True)
         test = torchvision.datasets.CIFAR10(root, train=False, download=True)
@@ -67,42 +69,52 @@ def _class_names(split_dir):
 
 
 def _list_images(split_dir, classes):
+    """Image paths (str) under split_dir/<class>/, any depth, sorted within each class."""
     files, labels = [], []
     for label, name in enumerate(classes):
-        found = sorted(p for p in (split_dir / name).rglob('*')
-                       if p.suffix.lower() in IMG_EXTENSIONS and not p.name.startswith('.'))
+        found = []
+        for folder, _, names in os.walk(split_dir / name):  # 3x faster than Path.rglob
+            found += [os.path.join(folder, n) for n in names if not n.startswith('.')
+                      and os.path.splitext(n)[1].lower() in IMG_EXTENSIONS]
+        found.sort()
         files += found
         labels += [label] * len(found)
     return files, labels
 
 
 def _decode(job):
-    """Read one image as RGB, resized to size x size. Runs in a worker process."""
-    path, size = job
-    try:
-        with Image.open(path) as img:
-            img = img.convert('RGB')  # grayscale, palette, RGBA, CMYK -> RGB
-            if img.size != (size, size):
-                img = img.resize((size, size), Image.BILINEAR)
-            return np.asarray(img, dtype=np.uint8)
-    except Exception as e:
-        return f'{path} is not a readable image ({type(e).__name__}: {e})'
+    """Read images as RGB, resized to size x size, into one (n, size, size, 3) uint8 array, or
+    return the sentence naming the first unreadable file. Runs in a worker process."""
+    paths, size = job
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as img:
+                if img.mode != 'RGB':
+                    img = img.convert('RGB')  # grayscale, palette, RGBA, CMYK -> RGB
+                if img.size != (size, size):
+                    img = img.resize((size, size), Image.BILINEAR)
+                out[i] = np.asarray(img, dtype=np.uint8)
+        except Exception as e:
+            return f'{path} is not a readable image ({type(e).__name__}: {e})'
+    return out
 
 
-def decode_images(files, size, workers):
-    """Decode files in parallel into one (N, 3, size, size) uint8 tensor."""
+def decode_images(files, size, workers, chunk=500):
+    """Decode files in parallel into one (N, 3, size, size) uint8 tensor. Each worker decodes
+    `chunk` files into one array, so the main process copies a few arrays, not one per image."""
     out = torch.empty((len(files), size, size, 3), dtype=torch.uint8)
-    jobs = [(str(f), size) for f in files]
+    jobs = [(files[i:i + chunk], size) for i in range(0, len(files), chunk)]
     with contextlib.ExitStack() as stack:
-        if workers > 1:
-            pool = stack.enter_context(ProcessPoolExecutor(workers))
-            decoded = pool.map(_decode, jobs, chunksize=256)
+        if workers > 1 and len(jobs) > 1:
+            pool = stack.enter_context(ProcessPoolExecutor(min(workers, len(jobs))))
+            decoded = pool.map(_decode, jobs)
         else:
             decoded = map(_decode, jobs)
-        for i, arr in enumerate(decoded):
+        for i, arr in zip(range(0, len(files), chunk), decoded):
             if isinstance(arr, str):
                 raise UsageError(f'{arr}; remove or replace it')
-            out[i] = torch.from_numpy(arr)
+            out[i:i + len(arr)] = torch.from_numpy(arr)
     return out.permute(0, 3, 1, 2).contiguous()
 
 
