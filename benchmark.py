@@ -88,8 +88,7 @@ def measure(name, image_size, batch_size, device, amp, steps, repeats, graphs=Fa
     torch.manual_seed(0)
     mf = train.memory_format(device)
     model = build(name).to(device, memory_format=mf)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True,
-                                weight_decay=5e-4)
+    optimizer = train.build_optimizer(model, 0.01, device)  # train.py's own
     trainer = train.Trainer(model, optimizer, nn.CrossEntropyLoss(label_smoothing=0.1), device,
                             amp=amp)
     trainer.progress = False

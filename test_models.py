@@ -4,6 +4,7 @@ Each of the article's bugs has a test here that fails on the article's code (REA
 article got wrong"). Everything runs on the CPU, on data the tests make, with no network.
 """
 import contextlib
+import copy
 import functools
 import io
 import json
@@ -22,6 +23,7 @@ import torch.nn as nn
 import torchvision
 from PIL import Image
 
+import config
 import layers
 import train
 from alexnet import AlexNet
@@ -457,6 +459,28 @@ class TrainTest(unittest.TestCase):
         for k, v in done_a['model'].items():
             self.assertTrue(torch.allclose(v.float(), done_b['model'][k].float(), atol=1e-6), k)
         self.assertEqual(done_a['history'][-1]['valid_acc'], done_b['history'][-1]['valid_acc'])
+
+    def test_sgd_is_fused_on_cuda_and_resume_keeps_the_devices_choice(self):
+        model = nn.Linear(3, 2)
+        on_cpu = train.build_optimizer(model, 0.1, torch.device('cpu'))
+        self.assertIsNone(on_cpu.defaults['fused'])  # PyTorch's default (foreach on CUDA)
+        self.assertTrue(train.build_optimizer(model, 0.1, torch.device('cuda')).defaults['fused'])
+        self.assertEqual({k: on_cpu.defaults[k] for k in ('momentum', 'nesterov', 'weight_decay')},
+                         {'momentum': config.MOMENTUM, 'nesterov': True,
+                          'weight_decay': config.WEIGHT_DECAY})
+        # A checkpoint written on CUDA (fused), resumed on the CPU: its momentum, the CPU's SGD.
+        model(torch.randn(4, 3)).sum().backward()
+        on_cpu.step()
+        state = on_cpu.state_dict()
+        state['param_groups'][0]['fused'] = True
+        resumed = train.build_optimizer(model, 0.1, torch.device('cpu'))
+        train.load_optimizer_state(resumed, copy.deepcopy(state))
+        self.assertIsNone(resumed.param_groups[0]['fused'])
+        self.assertTrue(torch.equal(resumed.state[model.weight]['momentum_buffer'],
+                                    on_cpu.state[model.weight]['momentum_buffer']))
+        plain = train.build_optimizer(model, 0.1, torch.device('cpu'))
+        plain.load_state_dict(copy.deepcopy(state))
+        self.assertTrue(plain.param_groups[0]['fused'])  # what the helper undoes
 
     def test_nan_loss_stops_and_keeps_weights(self):
         results = iter([None, (float('nan'), 0.0)])
