@@ -335,6 +335,8 @@ class TrainTest(unittest.TestCase):
         self.assertRegex(last, r'best .*\d\d\.\d\d% .*epoch \d')
         self.assertIn(str(self.out), last)
         self.assertIn('per-class accuracy', out)
+        self.assertRegex(out, r'\nseconds: loading data [\d.]+, training [\d.]+, '
+                              r'evaluating [\d.]+, saving [\d.]+\n')
         # A plain state_dict that the article's model loads as the article implies.
         model = ResNet18(3, small_input=True)
         model.load_state_dict(torch.load(self.out, weights_only=True))
@@ -378,9 +380,10 @@ class TrainTest(unittest.TestCase):
 
         with mock.patch.object(train, 'use_cuda_graphs', return_value=True), \
                 mock.patch.object(train, 'graph_model', side_effect=record):
-            code, _, err = self.train('--epochs', 1)
+            code, out, err = self.train('--epochs', 1)
         self.assertEqual(code, 0, err)
         self.assertEqual(calls, [(True, (16, 3, 8, 8), None)])
+        self.assertRegex(out, r'seconds: loading data [\d.]+, recording CUDA graphs [\d.]+, ')
 
     def test_cuda_graphs_only_for_resnets_on_cuda(self):
         cuda, cpu = torch.device('cuda'), torch.device('cpu')

@@ -732,8 +732,11 @@ def train(args, device):
             print(f'{ckpt_path}: that run already finished all {args.epochs} epochs')
             return 0
         print(f'resuming from epoch {ckpt["epoch"]} of {args.epochs}')
-    if use_cuda_graphs(args, device):
+    t_graphs = time.perf_counter()
+    graphs = use_cuda_graphs(args, device)
+    if graphs:
         graph_model(model, next(iter(train_loader))[0], trainer.amp_dtype)
+    t_graphs = time.perf_counter() - t_graphs
 
     print(f'{args.model}{" (small input)" if args.small_input else ""}, {device.type}, '
           f'{args.epochs} epochs of {len(train_loader)} batches of {args.batch_size}, peak lr {lr}')
@@ -742,11 +745,12 @@ def train(args, device):
     run_best = (-1.0, 0, None)  # this run's best: accuracy, epoch, per-class accuracy
     improved = False  # whether this run beat the weights already in out (if any)
     epoch, last_save = start - 1, time.monotonic()
-    t_train = t_valid = 0.0  # this run's seconds in epoch_train and in epoch_valid
+    t_train = t_valid = t_save = 0.0  # this run's seconds in epoch_train, epoch_valid, save
 
     def save(completed):
         """Write the best weights (if new) and, after a completed epoch, the checkpoint."""
-        nonlocal best_params, last_save
+        nonlocal best_params, last_save, t_save
+        t = time.perf_counter()
         if best_params is not None:
             save_torch(best_params, out)
             save_text(json.dumps({**setup, 'mean': mean, 'std': std, 'best_acc': best_acc,
@@ -762,6 +766,7 @@ def train(args, device):
             save_text(history_csv(history), csv_path)
             save_plot(history, png_path)
         last_save = time.monotonic()
+        t_save += time.perf_counter() - t
 
     try:
         for epoch in range(start, args.epochs + 1):
@@ -812,7 +817,10 @@ def train(args, device):
 
     print(f'per-class accuracy at epoch {run_best[1]}, this run\'s best:')
     print_class_accuracy(classes, run_best[2])
-    print(f'seconds: loading data {t_load:.1f}, training {t_train:.1f}, evaluating {t_valid:.1f}')
+    # Where the wall time went; the rest is start-up (importing torch, starting CUDA) and exit.
+    print(f'seconds: loading data {t_load:.1f}, '
+          + (f'recording CUDA graphs {t_graphs:.1f}, ' if graphs else '')
+          + f'training {t_train:.1f}, evaluating {t_valid:.1f}, saving {t_save:.1f}')
     if improved:
         print(f'done: best valid accuracy {best_acc:.2f}% at epoch {best_epoch}, saved to {out}')
     else:
