@@ -367,7 +367,7 @@ class TrainTest(unittest.TestCase):
         self.assertIn('best valid accuracy 60.00% at epoch 1', out)
 
     def test_starts_without_torchvision(self):
-        # Importing torchvision costs about 2 s on 2 cores; train.py needs it for CIFAR-10 only.
+        # Importing torchvision costs about 3 s on 2 cores; train.py needs it for CIFAR-10 only.
         self.assertEqual(run_script('import train').strip(), '')
 
     def test_cuda_graphs_are_recorded_once_on_a_full_train_batch(self):

@@ -34,7 +34,7 @@ from resnet import ResNet18, ResNet34, ResNet50
 MODELS = {'resnet18': ResNet18, 'resnet34': ResNet34, 'resnet50': ResNet50, 'alexnet': AlexNet}
 CIFAR10_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
 # The file types of torchvision's ImageFolder, listed here so that an image folder is read
-# without importing torchvision (about 2 s of start-up on 2 CPU cores).
+# without importing torchvision (about 3 s of start-up on 2 CPU cores).
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 
 
@@ -817,7 +817,8 @@ def train(args, device):
 
     print(f'per-class accuracy at epoch {run_best[1]}, this run\'s best:')
     print_class_accuracy(classes, run_best[2])
-    # Where the wall time went; the rest is start-up (importing torch, starting CUDA) and exit.
+    # Where the wall time went; the rest is start-up (imports, CUDA, building the model and the
+    # optimizer) and exit.
     print(f'seconds: loading data {t_load:.1f}, '
           + (f'recording CUDA graphs {t_graphs:.1f}, ' if graphs else '')
           + f'training {t_train:.1f}, evaluating {t_valid:.1f}, saving {t_save:.1f}')
