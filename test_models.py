@@ -369,6 +369,9 @@ class TrainTest(unittest.TestCase):
     def test_starts_without_torchvision(self):
         # Importing torchvision costs about 3 s on 2 cores; train.py needs it for CIFAR-10 only.
         self.assertEqual(run_script('import train').strip(), '')
+        # The extensions it lists instead are torchvision's ImageFolder's.
+        self.assertEqual(set(train.IMG_EXTENSIONS),
+                         set(torchvision.datasets.folder.IMG_EXTENSIONS))
 
     def test_cuda_graphs_are_recorded_once_on_a_full_train_batch(self):
         # CUDA graphs hold fixed input buffers, so the sample must be a train batch (all are
