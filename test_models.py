@@ -87,17 +87,19 @@ class TorchvisionEquivalence:
 
     def test_same_outputs_with_torchvision_weights(self):
         torch.manual_seed(0)
-        ours, theirs = self.ours(10).eval(), self.theirs(num_classes=10).eval()
+        # float64, so that only a real difference, not rounding, can exceed the tolerance.
+        ours = self.ours(10).double().eval()
+        theirs = self.theirs(num_classes=10).double().eval()
         # Non-trivial BN statistics, so a mix-up of running mean and var would show.
         for m in theirs.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.1, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
         copy_weights(theirs, ours)
-        x = torch.randn(2, 3, self.size, self.size)
+        x = torch.randn(2, 3, self.size, self.size, dtype=torch.double)
         with torch.no_grad():
             diff = (ours(x) - theirs(x)).abs().max().item()
-        self.assertLess(diff, 1e-5)
+        self.assertLess(diff, 1e-10)
 
 
 class AlexNetTest(unittest.TestCase):
@@ -163,6 +165,33 @@ class LayersTest(unittest.TestCase):
         for block in layers.ResidualLayer(3, 16, 32, stride=2).blocks:
             self.assertIsNone(block.downsample)
 
+    def test_one_pixel_conv_is_the_same_conv(self):
+        # Conv2d's CPU route for a 1x1 output (ResNet18's last stage at 32 px) is a matrix
+        # product over the window the conv sees: the same outputs and gradients as nn.Conv2d.
+        torch.manual_seed(0)
+        cases = [  # input px, kernel, stride, padding, whether the route is taken
+            (1, 3, 1, 1, True), (2, 3, 2, 1, True), (2, 1, 2, 0, True), (3, 3, 3, 0, True),
+            (2, 3, 1, 1, False), (4, 3, 2, 1, False)]
+        for px, k, s, p, route in cases:
+            for bias, fmt in ((False, torch.channels_last), (True, torch.contiguous_format)):
+                with self.subTest(px=px, kernel=k, stride=s, bias=bias):
+                    ref = nn.Conv2d(6, 5, k, s, p, bias=bias).double()
+                    ours = layers.Conv2d(6, 5, k, s, p, bias=bias).double()
+                    ours.load_state_dict(ref.state_dict())
+                    x = torch.randn(4, 6, px, px, dtype=torch.double)
+                    x = x.contiguous(memory_format=fmt)
+                    self.assertEqual(ours.one_pixel_out(x), route)
+                    results, grad_out = [], None
+                    for conv in (ref, ours):
+                        xi = x.clone().requires_grad_()
+                        out = conv(xi)
+                        grad_out = torch.randn_like(out) if grad_out is None else grad_out
+                        out.backward(grad_out)
+                        results.append([out, xi.grad] + [p.grad for p in conv.parameters()])
+                    for a, b in zip(*results):
+                        self.assertEqual(a.shape, b.shape)
+                        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
     def test_stride_halves_the_feature_map(self):
         layer = layers.ResidualLayer(2, 16, 32, stride=2)
         self.assertEqual(layer(torch.zeros(2, 16, 8, 8)).shape, (2, 32, 4, 4))
@@ -190,6 +219,29 @@ class ResNet18Test(TorchvisionEquivalence, unittest.TestCase):
 
     def test_two_blocks_per_stage(self):
         self.assertEqual(blocks_per_stage(ResNet18(10)), [2, 2, 2, 2])
+
+    def test_last_stage_at_32px_is_matrix_products_with_torchvisions_gradients(self):
+        # At 32 px every conv of layer4 has a 1x1 output and takes Conv2d's CPU route.
+        torch.manual_seed(0)
+        # float64: with BatchNorm over 4 samples of 1x1 maps, float32 rounding would show.
+        ours, theirs = ResNet18(10).double(), torchvision.models.resnet18(num_classes=10).double()
+        copy_weights(theirs, ours)
+        routed = []
+        for name, m in ours.named_modules():
+            if isinstance(m, layers.Conv2d):
+                m.register_forward_pre_hook(
+                    lambda m, args, name=name: routed.append(name) if m.one_pixel_out(args[0])
+                    else None)
+        x, y = torch.randn(4, 3, 32, 32, dtype=torch.double), torch.tensor([0, 1, 2, 3])
+        for model in (ours, theirs):
+            model = model.to(memory_format=torch.channels_last)
+            nn.functional.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)),
+                                        y).backward()
+        self.assertEqual(sorted(routed), [
+            'layer4.blocks.0.conv1', 'layer4.blocks.0.conv2', 'layer4.first_block.conv1',
+            'layer4.first_block.conv2', 'layer4.first_block.downsample.0'])
+        for a, b in zip(ours.parameters(), theirs.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-7, atol=1e-9)
 
     def test_feature_maps_halve_each_stage(self):
         model = ResNet18(10).eval()
@@ -253,6 +305,7 @@ class ResNet34Test(TorchvisionEquivalence, unittest.TestCase):
 class ResNet50Test(TorchvisionEquivalence, unittest.TestCase):
     ours = ResNet50
     theirs = staticmethod(torchvision.models.resnet50)
+    size = 32  # layer4 at 1x1: its convs take layers.Conv2d's CPU route
 
     def test_parameter_count_and_blocks(self):
         model = ResNet50(10)
