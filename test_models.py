@@ -187,7 +187,7 @@ class LayersTest(unittest.TestCase):
                         out = conv(xi)
                         grad_out = torch.randn_like(out) if grad_out is None else grad_out
                         out.backward(grad_out)
-                        results.append([out, xi.grad] + [p.grad for p in conv.parameters()])
+                        results.append([out, xi.grad] + [w.grad for w in conv.parameters()])
                     for a, b in zip(*results):
                         self.assertEqual(a.shape, b.shape)
                         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
@@ -227,11 +227,14 @@ class ResNet18Test(TorchvisionEquivalence, unittest.TestCase):
         ours, theirs = ResNet18(10).double(), torchvision.models.resnet18(num_classes=10).double()
         copy_weights(theirs, ours)
         routed = []
-        for name, m in ours.named_modules():
-            if isinstance(m, layers.Conv2d):
-                m.register_forward_pre_hook(
-                    lambda m, args, name=name: routed.append(name) if m.one_pixel_out(args[0])
-                    else None)
+
+        def note_route(conv, args):
+            if conv.one_pixel_out(args[0]):
+                routed.append(names[conv])
+
+        names = {m: name for name, m in ours.named_modules() if isinstance(m, layers.Conv2d)}
+        for conv in names:
+            conv.register_forward_pre_hook(note_route)
         x, y = torch.randn(4, 3, 32, 32, dtype=torch.double), torch.tensor([0, 1, 2, 3])
         for model in (ours, theirs):
             model = model.to(memory_format=torch.channels_last)
