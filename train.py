@@ -664,7 +664,7 @@ def evaluate(args, device):
 
 def memory_format(device):
     # channels_last (NHWC) picks the faster convolution kernels of cuDNN and of oneDNN on the
-    # CPU (241 against 184 img/s for a ResNet18 step on 2 CPU cores).
+    # CPU (ResNet18 step at 32 px, batch 512, on 2 CPU cores: 457-479 against 371-430 img/s).
     return torch.channels_last if device.type in ('cuda', 'cpu') else torch.contiguous_format
 
 
