@@ -84,7 +84,7 @@ class Resident:
         return (self.batch for _ in range(self.steps))
 
 
-def measure(name, image_size, batch_size, device, amp, steps, repeats, graphs=False, warmup=1):
+def measure(name, image_size, batch_size, device, amp, steps, repeats, launch='eager', warmup=1):
     """Raw step, Trainer epoch and eval img/s for one configuration (medians of repeats)."""
     torch.manual_seed(0)
     mf = train.memory_format(device)
@@ -105,8 +105,10 @@ def measure(name, image_size, batch_size, device, amp, steps, repeats, graphs=Fa
                                memory_format=mf)
     inputs, targets = next(iter(loader))
     resident = Resident(inputs, targets, steps)
-    if graphs:  # as train.py does on CUDA
+    if launch == 'graph':  # as train.py does on CUDA
         train.graph_model(model, inputs, trainer.amp_dtype)
+    elif launch == 'whole':  # as train.py --graph-whole-step does on CUDA
+        trainer.graphed_step = train.GraphedStep(trainer, inputs, targets)
 
     def rate(fn, count):
         sync(device)
@@ -126,7 +128,7 @@ def measure(name, image_size, batch_size, device, amp, steps, repeats, graphs=Fa
         evals.append(rate(lambda: trainer.epoch_valid(valid), n))
     step_rate, epoch_rate = statistics.median(raw), statistics.median(epoch)
     return {'model': name, 'device': device.type, 'precision': precision(device, amp),
-            'graphs': graphs, 'batch': batch_size, 'px': image_size,
+            'launch': launch, 'batch': batch_size, 'px': image_size,
             'step_img_s': round(step_rate, 1),
             'epoch_img_s': round(epoch_rate, 1), 'efficiency': round(epoch_rate / step_rate, 3),
             'eval_img_s': round(statistics.median(evals), 1)}
@@ -177,19 +179,22 @@ def device_name(device):
 
 
 def configs(device, quick):
-    """(model, px, batch, amp, CUDA graphs) rows for this device."""
+    """(model, px, batch, amp, launch) rows for this device. launch: 'eager' (one launch a
+    kernel), 'graph' (the model's CUDA graphs, train.py's default on CUDA) or 'whole' (the
+    whole step as one CUDA graph, train.py --graph-whole-step)."""
     if quick:
-        return [('resnet18', 16, 8, True, False), ('resnet18-small', 16, 8, True, False),
-                ('alexnet', 67, 8, True, False), ('resnet18-article', 16, 8, True, False)]
-    if device.type == 'cuda':  # graphs as train.py uses them; eager rows to compare
-        return [('resnet18', 32, 512, True, True), ('resnet18', 32, 512, True, False),
-                ('resnet18', 32, 512, False, True), ('resnet18', 32, 512, False, False),
-                ('resnet18-small', 32, 512, True, True), ('alexnet', 227, 128, True, False),
-                ('resnet18', 224, 128, True, True), ('resnet18', 224, 128, False, False),
-                ('resnet18-article', 224, 128, False, False)]
-    return [('resnet18', 32, 512, True, False), ('resnet18-small', 32, 128, True, False),
-            ('alexnet', 67, 128, True, False), ('resnet18-article', 32, 128, True, False),
-            ('resnet18', 32, 128, True, False)]
+        return [('resnet18', 16, 8, True, 'eager'), ('resnet18-small', 16, 8, True, 'eager'),
+                ('alexnet', 67, 8, True, 'eager'), ('resnet18-article', 16, 8, True, 'eager')]
+    if device.type == 'cuda':  # graphs as train.py uses them; the other launches to compare
+        return [('resnet18', 32, 512, True, 'graph'), ('resnet18', 32, 512, True, 'whole'),
+                ('resnet18', 32, 512, True, 'eager'), ('resnet18', 32, 512, False, 'graph'),
+                ('resnet18', 32, 512, False, 'whole'), ('resnet18', 32, 512, False, 'eager'),
+                ('resnet18-small', 32, 512, True, 'graph'), ('alexnet', 227, 128, True, 'eager'),
+                ('resnet18', 224, 128, True, 'graph'), ('resnet18', 224, 128, False, 'eager'),
+                ('resnet18-article', 224, 128, False, 'eager')]
+    return [('resnet18', 32, 512, True, 'eager'), ('resnet18-small', 32, 128, True, 'eager'),
+            ('alexnet', 67, 128, True, 'eager'), ('resnet18-article', 32, 128, True, 'eager'),
+            ('resnet18', 32, 128, True, 'eager')]
 
 
 def main(argv=None):
@@ -222,14 +227,13 @@ def main(argv=None):
           f'{"epoch img/s":>13}'
           f'{"efficiency":>12}{"eval img/s":>12}')
     results, failed = [], []
-    for model, px, batch, amp, graphs in configs(device, args.quick):
+    for model, px, batch, amp, launch in configs(device, args.quick):
         # On CUDA the article's network runs ~10x slower: a fifth of the steps still takes seconds.
         fewer = model == 'resnet18-article' and device.type == 'cuda' and not args.steps
         n_steps = steps // 5 if fewer else steps
-        row = (f'{model:<17}{precision(device, amp):<6}{"graph" if graphs else "eager":<7}'
-               f'{batch:>6}{px:>5}')
+        row = f'{model:<17}{precision(device, amp):<6}{launch:<7}{batch:>6}{px:>5}'
         try:
-            r = measure(model, px, batch, device, amp, n_steps, repeats, graphs,
+            r = measure(model, px, batch, device, amp, n_steps, repeats, launch,
                         warmup=0 if args.quick else 1)
         except RuntimeError as e:  # one failed row (out of memory, say) still leaves the others
             failed.append(model)
@@ -248,7 +252,7 @@ def main(argv=None):
     for a in article:
         fixed = next((r for r in results if r['model'] == 'resnet18' and r['px'] == a['px']
                       and r['batch'] == a['batch'] and r['precision'] == a['precision']
-                      and r['graphs'] == a['graphs']), None)
+                      and r['launch'] == a['launch']), None)
         if fixed:
             print(f'the article\'s ResNet18 as written: {a["step_img_s"]:,.0f} img/s against '
                   f'{fixed["step_img_s"]:,.0f} fixed ({fixed["step_img_s"] / a["step_img_s"]:.1f}x '

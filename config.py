@@ -29,6 +29,7 @@ EVAL_BATCH_SIZE = 1024        # images per step when evaluating
 # Run
 DEVICE = 'auto'               # auto picks cuda, then mps, then cpu
 CUDA_GRAPHS = True            # on CUDA, replay each ResNet training step as CUDA graphs
+GRAPH_WHOLE_STEP = False      # on CUDA, graph the whole step (with loss and SGD), not the model
 SEED = 0                      # seeds the weights, the shuffling and the augmentation
 OUT_PATH = 'weight.pth'       # best weights; .json, .csv, .png and .ckpt go beside it
 SAVE_EVERY = 30.0             # seconds between writes of weights and checkpoint (and at the end)

@@ -352,6 +352,27 @@ def run_main(*argv):
     return code, out.getvalue(), err.getvalue()
 
 
+class EagerGraphedStep(train.GraphedStep):
+    """train.GraphedStep with its one CUDA-only method stood in for on the CPU: 'recording'
+    runs the step eagerly (once more than the warm-up, though a CUDA graph only records that
+    pass), and each 'replay' runs it again, reading the lr from the tensors and writing the loss
+    and outputs into the recorded ones, as the graph does."""
+
+    def _record(self, step):
+        for _ in range(self.warmup + 1):
+            step()
+
+        def replay():
+            recorded = self.loss, self.outputs
+            with self._lr_from_tensors():
+                step()
+            with torch.no_grad():
+                for old, new in zip(recorded, (self.loss, self.outputs)):
+                    old.copy_(new)
+            self.loss, self.outputs = recorded
+        return replay
+
+
 class TrainTest(unittest.TestCase):
     """train.py end to end on a small generated image folder, on the CPU."""
 
@@ -442,7 +463,71 @@ class TrainTest(unittest.TestCase):
             code, out, err = self.train('--epochs', 1)
         self.assertEqual(code, 0, err)
         self.assertEqual(calls, [(True, (16, 3, 8, 8), None)])
+        self.assertIn('cpu, the model as CUDA graphs, 1 epochs', out)
         self.assertRegex(out, r'seconds: loading data [\d.]+, recording CUDA graphs [\d.]+, ')
+
+    def test_whole_step_graph_trains_as_the_plain_step(self):
+        # The recorded step must train exactly as Trainer.train_step: its warm-up leaves no
+        # trace (weights, BatchNorm statistics, momentum) and each replay takes the current lr.
+        def trainer():
+            torch.manual_seed(0)
+            model = ResNet18(3).double()
+            optimizer = train.build_optimizer(model, 0.02, torch.device('cpu'))
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train.warmup_linear(4, 0.5))
+            return train.Trainer(model, optimizer, nn.CrossEntropyLoss(label_smoothing=0.1),
+                                 scheduler=scheduler)
+
+        g = torch.Generator().manual_seed(1)
+        batches = [(torch.randn(4, 3, 16, 16, generator=g, dtype=torch.float64),
+                    torch.randint(0, 3, (4,), generator=g)) for _ in range(4)]
+        for resumed in (False, True):  # recorded before any step, or with momentum already
+            plain, graphed = trainer(), trainer()
+            start = 1 if resumed else 0
+            for t in (plain, graphed):
+                for inputs, targets in batches[:start]:
+                    t.train_step(inputs, targets)
+                    t.scheduler.step()
+            graphed.graphed_step = EagerGraphedStep(graphed, *batches[start], warmup=2)
+            for inputs, targets in batches[start:]:
+                loss, outputs = plain.train_step(inputs, targets)
+                plain.scheduler.step()
+                g_loss, g_outputs = graphed.graphed_step(inputs, targets)
+                graphed.scheduler.step()
+                self.assertEqual(g_loss.item(), loss.item())
+                self.assertTrue(torch.equal(g_outputs, outputs))
+            for (k, v), w in zip(plain.model.state_dict().items(),
+                                 graphed.model.state_dict().values()):
+                self.assertTrue(torch.equal(v, w), (resumed, k))
+            for p, q in zip(plain.model.parameters(), graphed.model.parameters()):
+                self.assertTrue(torch.equal(plain.optimizer.state[p]['momentum_buffer'],
+                                            graphed.optimizer.state[q]['momentum_buffer']))
+            self.assertIsInstance(graphed.optimizer.param_groups[0]['lr'], float)
+
+    def test_graph_whole_step_option_records_the_step_not_the_model(self):
+        code, _, err = self.train('--epochs', 1, out=self.dir / 'plain' / 'weight.pth')
+        self.assertEqual(code, 0, err)
+        replays = []
+
+        class Counted(EagerGraphedStep):
+            def __call__(self, inputs, targets):
+                replays.append(len(inputs))
+                return super().__call__(inputs, targets)
+
+        with mock.patch.object(train, 'use_cuda_graphs', return_value=True), \
+                mock.patch.object(train, 'graph_model', side_effect=AssertionError), \
+                mock.patch.object(train, 'GraphedStep', Counted):
+            code, out, err = self.train('--epochs', 1, '--graph-whole-step',
+                                        out=self.dir / 'step' / 'weight.pth')
+        self.assertEqual(code, 0, err)
+        self.assertEqual(replays, [16, 16, 16])  # every train batch, through the graph
+        self.assertIn('cpu, the whole step as a CUDA graph, 1 epochs', out)
+        self.assertRegex(out, r'seconds: loading data [\d.]+, recording CUDA graphs [\d.]+, ')
+        plain = torch.load(self.dir / 'plain' / 'weight.ckpt', weights_only=True)
+        step = torch.load(self.dir / 'step' / 'weight.ckpt', weights_only=True)
+        for k, v in plain['model'].items():  # the lr is a float32 tensor in the graph
+            self.assertTrue(torch.allclose(v.float(), step['model'][k].float(), atol=1e-6), k)
+        self.assertEqual(plain['history'][0]['train_loss'], step['history'][0]['train_loss'])
+        self.assertIsInstance(step['optimizer']['param_groups'][0]['lr'], float)
 
     def test_cuda_graphs_only_for_resnets_on_cuda(self):
         cuda, cpu = torch.device('cuda'), torch.device('cpu')
@@ -883,7 +968,7 @@ class BenchmarkTest(unittest.TestCase):
         def measure(name, *args, **kwargs):
             if name == 'alexnet':
                 raise RuntimeError('CUDA out of memory. Tried to allocate\n(details)')
-            return {'model': name, 'px': 32, 'batch': 8, 'precision': 'fp32', 'graphs': False,
+            return {'model': name, 'px': 32, 'batch': 8, 'precision': 'fp32', 'launch': 'eager',
                     'step_img_s': 2.0, 'epoch_img_s': 1.0, 'efficiency': 0.5, 'eval_img_s': 3.0}
 
         rates = {'pil_224_img_s': 1, 'tensor_224_img_s': 2, 'tensor_32_img_s': 3}
@@ -894,6 +979,23 @@ class BenchmarkTest(unittest.TestCase):
         self.assertEqual(code, 1)
         self.assertIn('failed: CUDA out of memory. Tried to allocate', out.getvalue())
         self.assertIn('resnet18-article', out.getvalue())  # the rows after it still ran
+
+    def test_step_rows_replay_the_whole_step(self):
+        # On CUDA, the 'whole' rows time train.py --graph-whole-step; here its CPU stand-in.
+        import benchmark
+        made = []
+
+        class Made(EagerGraphedStep):
+            def __init__(self, trainer, inputs, targets):
+                made.append(tuple(inputs.shape))
+                super().__init__(trainer, inputs, targets)
+
+        with mock.patch.object(train, 'GraphedStep', Made):
+            r = benchmark.measure('resnet18', 16, 4, torch.device('cpu'), True, 2, 1, 'whole',
+                                  warmup=0)
+        self.assertEqual(made, [(4, 3, 16, 16)])
+        self.assertEqual((r['launch'], r['precision']), ('whole', 'fp32'))
+        self.assertGreater(r['efficiency'], 0)
 
     def test_article_specimen_has_the_article_bugs(self):
         # The specimen the benchmark times is the article's network: 3 blocks a stage, no

@@ -299,10 +299,24 @@ class Trainer:
         self.scaler = torch.amp.GradScaler('cuda', enabled=self.amp_dtype == torch.float16)
         self.progress = sys.stdout.isatty()  # a live progress line on a terminal, none in a log
         self.class_accuracy = None  # per-class accuracy (%) of the last epoch_valid
+        self.graphed_step = None  # a GraphedStep replaces train_step when set (CUDA only)
+        self.autocast_cache = True  # off while a CUDA graph records: graphs cannot use it
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype,
-                              enabled=self.amp_dtype is not None)
+                              enabled=self.amp_dtype is not None, cache_enabled=self.autocast_cache)
+
+    def train_step(self, inputs, targets):
+        """One step of the article's loop: forward, loss, backward, SGD update. Returns the
+        loss and the outputs."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            outputs = self.model(inputs)
+            loss = self.criterion(outputs, targets)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss, outputs
 
     def epoch_train(self, train_loader):
         self.model.train()
@@ -311,14 +325,9 @@ class Trainer:
         losses, predictions, labels = [], [], []
         last_print = time.monotonic()
 
+        step = self.graphed_step or self.train_step
         for batch_idx, (inputs, targets) in enumerate(train_loader):
-            self.optimizer.zero_grad(set_to_none=True)
-            with self._autocast():
-                outputs = self.model(inputs)
-                loss = self.criterion(outputs, targets)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            loss, outputs = step(inputs, targets)
             if self.scheduler is not None:
                 self.scheduler.step()
 
@@ -386,16 +395,108 @@ def graph_model(model, sample, amp_dtype):
     buffers, so every batch must have the shape of `sample` (the train batches all do); in
     eval mode it runs as before. Recording runs 3 warm-up passes on `sample` first.
     """
-    # Recording runs on a side stream, and PyTorch then warns at each backward that the
-    # gradients' streams differ (and once that cuBLAS had no context yet). The graphed runs
-    # train as the eager ones do (README, Results), so those two messages are left out.
-    warnings.filterwarnings('ignore', message="The AccumulateGrad node's stream does not match")
-    warnings.filterwarnings('ignore', message='Attempting to run cuBLAS, but there was no current')
+    _quiet_graph_warnings()
     # Recorded under autocast so the graphs hold its casts; graphs cannot use its weight cache.
     amp = (torch.autocast('cuda', dtype=amp_dtype, cache_enabled=False) if amp_dtype
            else contextlib.nullcontext())
     with amp:
         return torch.cuda.make_graphed_callables(model, (sample,))
+
+
+def _quiet_graph_warnings():
+    # Recording runs on a side stream, and PyTorch then warns at each backward that the
+    # gradients' streams differ (and once that cuBLAS had no context yet). The graphed runs
+    # train as the eager ones do (README, Results), so those two messages are left out.
+    warnings.filterwarnings('ignore', message="The AccumulateGrad node's stream does not match")
+    warnings.filterwarnings('ignore', message='Attempting to run cuBLAS, but there was no current')
+
+
+class GraphedStep:
+    """CUDA only (--graph-whole-step): the Trainer's whole train_step - forward, loss, backward
+    and the SGD update - recorded as one CUDA graph and replayed for each batch.
+
+    graph_model records the model alone, so between two replays the host still launches the
+    loss, its backward, the optimizer's update and the data path. Here it launches, per batch,
+    two copies into the graph's input buffers, the lr, and the replay. The graph reads the lr
+    from a tensor, which each call sets from the optimizer's current lr (the scheduler's).
+
+    Recording runs the step `warmup` times first on the sample batch (cuDNN picks its kernels,
+    SGD makes its momentum buffers), then puts the weights, the BatchNorm statistics and the
+    momentum back as they were: the replays train exactly as train_step would. The loss and
+    outputs a call returns live in the graph's memory until the next call; the loss is copied.
+    """
+
+    def __init__(self, trainer, inputs, targets, warmup=3):
+        self.trainer, self.warmup = trainer, warmup
+        trainer.model.train()  # BatchNorm as in training: the graph replays what it records
+        self.inputs, self.targets = inputs.clone(), targets.clone()  # the fixed input buffers
+        self.groups = trainer.optimizer.param_groups
+        # One lr tensor per parameter group, in the weights' dtype (float32 on CUDA, which is
+        # what fused SGD reads there).
+        self.lrs = [torch.tensor(float(g['lr']), dtype=g['params'][0].dtype, device=inputs.device)
+                    for g in self.groups]
+        self.loss = self.outputs = None
+        state = self._state()
+        saved = [t.detach().clone() for t in state]
+        trainer.autocast_cache = False
+        try:
+            with self._lr_from_tensors():
+                self._replay = self._record(self._step)
+        finally:
+            trainer.autocast_cache = True
+        with torch.no_grad():
+            for t, s in zip(state, saved):
+                t.copy_(s)
+            for t in self._state():
+                if not any(t is s for s in state):  # momentum that the warm-up created:
+                    t.zero_()  # from zero, the next update equals SGD's first one
+
+    def __call__(self, inputs, targets):
+        self.inputs.copy_(inputs)
+        self.targets.copy_(targets)
+        for lr, group in zip(self.lrs, self.groups):
+            lr.fill_(group['lr'])
+        self._replay()
+        return self.loss.detach().clone(), self.outputs.detach()
+
+    def _step(self):
+        self.loss, self.outputs = self.trainer.train_step(self.inputs, self.targets)
+
+    def _state(self):
+        """What a step changes besides the gradients: the weights, the model's buffers, then
+        the momentum buffers that exist."""
+        model, optimizer = self.trainer.model, self.trainer.optimizer
+        momentum = [optimizer.state[p]['momentum_buffer'] for g in self.groups
+                    for p in g['params'] if optimizer.state[p].get('momentum_buffer') is not None]
+        return [*model.parameters(), *model.buffers(), *momentum]
+
+    @contextlib.contextmanager
+    def _lr_from_tensors(self):
+        """The optimizer reads its lr from self.lrs while this is on (the graph records that)."""
+        floats = [g['lr'] for g in self.groups]
+        for lr, group in zip(self.lrs, self.groups):
+            group['lr'] = lr
+        try:
+            yield
+        finally:
+            for lr, group in zip(floats, self.groups):
+                group['lr'] = lr
+
+    def _record(self, step):
+        """Run `step` `warmup` times, record it as a CUDA graph, and return the graph's replay.
+        (The tests stand in for this one method on the CPU.)"""
+        _quiet_graph_warnings()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up and recording on one side stream
+            for _ in range(self.warmup):
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.trainer.optimizer.zero_grad(set_to_none=True)  # the graph makes its own gradients
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            step()
+        return graph.replay
 
 
 def build_model(name, num_classes, small_input=False):
@@ -591,6 +692,10 @@ def parse_args(argv=None):
                    default=config.CUDA_GRAPHS,
                    help='on CUDA, launch the ResNet\'s kernels one by one instead of replaying '
                         'them as a CUDA graph (slower at small image sizes)')
+    p.add_argument('--graph-whole-step', action='store_true', default=config.GRAPH_WHOLE_STEP,
+                   help='on CUDA, record the whole training step (forward, loss, backward, '
+                        'SGD update) as one CUDA graph, not the model\'s forward and backward '
+                        'alone (README: not yet measured on a GPU)')
     p.add_argument('--save-every', type=positive(float, allow_zero=True),
                    default=config.SAVE_EVERY, metavar='SECONDS',
                    help='seconds between writes of weights and checkpoint (default: %(default)s)')
@@ -735,10 +840,19 @@ def train(args, device):
     t_graphs = time.perf_counter()
     graphs = use_cuda_graphs(args, device)
     if graphs:
-        graph_model(model, next(iter(train_loader))[0], trainer.amp_dtype)
+        inputs, targets = next(iter(train_loader))
+        if args.graph_whole_step and trainer.amp_dtype != torch.float16:
+            trainer.graphed_step = GraphedStep(trainer, inputs, targets)
+        else:
+            if args.graph_whole_step:  # fp16's loss scaling is not recorded in a graph here
+                print('--graph-whole-step needs bf16 (this GPU has fp16 only): '
+                      'recording the model\'s forward and backward instead')
+            graph_model(model, inputs, trainer.amp_dtype)
     t_graphs = time.perf_counter() - t_graphs
 
-    print(f'{args.model}{" (small input)" if args.small_input else ""}, {device.type}, '
+    launch = ('' if not graphs else ', the whole step as a CUDA graph' if trainer.graphed_step
+              else ', the model as CUDA graphs')
+    print(f'{args.model}{" (small input)" if args.small_input else ""}, {device.type}{launch}, '
           f'{args.epochs} epochs of {len(train_loader)} batches of {args.batch_size}, peak lr {lr}')
     out.parent.mkdir(parents=True, exist_ok=True)
     best_params = None
