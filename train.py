@@ -325,7 +325,7 @@ class Trainer:
         losses, predictions, labels = [], [], []
         last_print = time.monotonic()
 
-        step = self.graphed_step or self.train_step
+        step = self.graphed_step or self.train_step  # the article's step, or its CUDA graph
         for batch_idx, (inputs, targets) in enumerate(train_loader):
             loss, outputs = step(inputs, targets)
             if self.scheduler is not None:
