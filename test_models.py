@@ -744,6 +744,9 @@ class TrainInputTest(unittest.TestCase):
                 self.assertFails([flag, value], 'must be positive')
         self.assertFails(['--epochs', 'ten'], 'not a number')
 
+    def test_contradicting_options(self):
+        self.assertFails(['--graph-whole-step', '--no-cuda-graphs'], 'pick one')
+
     def test_image_too_small_for_alexnet(self):
         self.assertFails(['--model', 'alexnet', '--image-size', '32'], 'at least 67 px')
 

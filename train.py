@@ -719,6 +719,9 @@ def check_args(args):
                              f'try --image-size {AlexNet.MIN_INPUT_SIZE} or more')
     if args.resume and args.eval:
         raise UsageError('--resume continues training and --eval trains nothing; pick one')
+    if args.graph_whole_step and not args.cuda_graphs:
+        raise UsageError('--graph-whole-step records a CUDA graph and --no-cuda-graphs turns '
+                         'them off; pick one')
 
 
 def load_data(args, need_train=True):
