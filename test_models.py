@@ -983,7 +983,7 @@ class BenchmarkTest(unittest.TestCase):
         self.assertIn('failed: CUDA out of memory. Tried to allocate', out.getvalue())
         self.assertIn('resnet18-article', out.getvalue())  # the rows after it still ran
 
-    def test_step_rows_replay_the_whole_step(self):
+    def test_whole_rows_replay_the_whole_step(self):
         # On CUDA, the 'whole' rows time train.py --graph-whole-step; here its CPU stand-in.
         import benchmark
         made = []
