@@ -469,9 +469,11 @@ class TrainTest(unittest.TestCase):
     def test_whole_step_graph_trains_as_the_plain_step(self):
         # The recorded step must train exactly as Trainer.train_step: its warm-up leaves no
         # trace (weights, BatchNorm statistics, momentum) and each replay takes the current lr.
+        # A small network with each kind of state is enough (train.py's test runs a ResNet).
         def trainer():
             torch.manual_seed(0)
-            model = ResNet18(3).double()
+            model = nn.Sequential(layers.conv3x3(3, 8), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).double()
             optimizer = train.build_optimizer(model, 0.02, torch.device('cpu'))
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train.warmup_linear(4, 0.5))
             return train.Trainer(model, optimizer, nn.CrossEntropyLoss(label_smoothing=0.1),
