@@ -418,8 +418,8 @@ class GraphedStep:
     graph_model records the model alone, so between two replays the host still launches the
     loss, its backward, the optimizer's update and the data path. Here it launches, per batch,
     the data path, two copies into the graph's input buffers, the lr and the replay (and the
-    Trainer's loss copy and argmax). The graph reads the lr
-    from a tensor, which each call sets from the optimizer's current lr (the scheduler's).
+    Trainer's loss copy and argmax). The graph reads the lr from a tensor, which each call sets
+    from the optimizer's current lr (the scheduler's).
 
     Recording runs the step `warmup` times first on the sample batch (cuDNN picks its kernels,
     SGD makes its momentum buffers), then puts the weights, the BatchNorm statistics and the
