@@ -450,22 +450,6 @@ class TrainTest(unittest.TestCase):
         self.assertEqual(set(train.IMG_EXTENSIONS),
                          set(torchvision.datasets.folder.IMG_EXTENSIONS))
 
-    def test_cuda_graphs_are_recorded_once_on_a_full_train_batch(self):
-        # CUDA graphs hold fixed input buffers, so the sample must be a train batch (all are
-        # full), recorded in train mode: the graphs replay only in the mode they were made in.
-        calls = []
-
-        def record(model, sample, amp_dtype):
-            calls.append((model.training, tuple(sample.shape), amp_dtype))
-
-        with mock.patch.object(train, 'use_cuda_graphs', return_value=True), \
-                mock.patch.object(train, 'graph_model', side_effect=record):
-            code, out, err = self.train('--epochs', 1)
-        self.assertEqual(code, 0, err)
-        self.assertEqual(calls, [(True, (16, 3, 8, 8), None)])
-        self.assertIn('cpu, the model as CUDA graphs, 1 epochs', out)
-        self.assertRegex(out, r'seconds: loading data [\d.]+, recording CUDA graphs [\d.]+, ')
-
     def test_whole_step_graph_trains_as_the_plain_step(self):
         # The recorded step must train exactly as Trainer.train_step: its warm-up leaves no
         # trace (weights, BatchNorm statistics, momentum) and each replay takes the current lr.
@@ -505,9 +489,25 @@ class TrainTest(unittest.TestCase):
                                             graphed.optimizer.state[q]['momentum_buffer']))
             self.assertIsInstance(graphed.optimizer.param_groups[0]['lr'], float)
 
-    def test_graph_whole_step_option_records_the_step_not_the_model(self):
-        code, _, err = self.train('--epochs', 1, out=self.dir / 'plain' / 'weight.pth')
+    def test_cuda_graphs_are_recorded_once_on_a_full_train_batch(self):
+        # CUDA graphs hold fixed input buffers, so the sample must be a train batch (all are
+        # full), recorded in train mode: the graphs replay only in the mode they were made in.
+        # The model's graphs (graph_model, a no-op stand-in here: that run trains plainly)...
+        calls = []
+
+        def record(model, sample, amp_dtype):
+            calls.append((model.training, tuple(sample.shape), amp_dtype))
+
+        with mock.patch.object(train, 'use_cuda_graphs', return_value=True), \
+                mock.patch.object(train, 'graph_model', side_effect=record):
+            code, out, err = self.train('--epochs', 1, out=self.dir / 'plain' / 'weight.pth')
         self.assertEqual(code, 0, err)
+        self.assertEqual(calls, [(True, (16, 3, 8, 8), None)])
+        self.assertIn('cpu, the model as CUDA graphs, 1 epochs', out)
+        self.assertRegex(out, r'seconds: loading data [\d.]+, recording CUDA graphs [\d.]+, ')
+
+        # ... or, with --graph-whole-step, the whole step (GraphedStep's CPU stand-in), which
+        # must train as that plain run did.
         replays = []
 
         class Counted(EagerGraphedStep):
