@@ -609,6 +609,31 @@ class TrainTest(unittest.TestCase):
             self.assertTrue(torch.allclose(v.float(), done_b['model'][k].float(), atol=1e-6), k)
         self.assertEqual(done_a['history'][-1]['valid_acc'], done_b['history'][-1]['valid_acc'])
 
+    def test_unreadable_checkpoint_or_metadata_stops_and_keeps_the_weights(self):
+        code, _, err = self.train('--epochs', 1)
+        self.assertEqual(code, 0, err)
+        ckpt, meta = self.out.with_suffix('.ckpt'), self.out.with_suffix('.json')
+        weights = self.out.read_bytes()
+        good_ckpt = ckpt.read_bytes()
+        # A truncated checkpoint, and one that is a readable file of something else.
+        for bad in (good_ckpt[:2000], None):
+            if bad is None:
+                torch.save({'model': {}}, ckpt)
+            else:
+                ckpt.write_bytes(bad)
+            code, out, err = self.train('--resume')
+            self.assertEqual((code, err.count('\n')), (2, 1), err)
+            self.assertIn('not a readable checkpoint', err)
+            self.assertNotIn('decoding', out)  # it fails before reading the data
+            self.assertEqual(self.out.read_bytes(), weights)
+        # Weights whose .json is gone: what they are is unknown, so they are not touched.
+        ckpt.write_bytes(good_ckpt)
+        meta.unlink()
+        code, _, err = self.train()
+        self.assertEqual((code, err.count('\n')), (2, 1), err)
+        self.assertIn('missing or unreadable', err)
+        self.assertEqual(self.out.read_bytes(), weights)
+
     def test_sgd_is_fused_on_cuda_and_resume_keeps_the_devices_choice(self):
         model = nn.Linear(3, 2)
         on_cpu = train.build_optimizer(model, 0.1, torch.device('cpu'))

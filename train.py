@@ -578,10 +578,12 @@ def save_text(text, path):
 
 
 def read_json(path):
+    """The JSON object in path, or None when it is missing, unreadable or not an object."""
     try:
-        return json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def history_csv(history):
@@ -627,6 +629,26 @@ def load_weights(path):
     if not isinstance(state, dict):
         raise UsageError(f'{path} holds a {type(state).__name__}, not a state_dict')
     return state
+
+
+CHECKPOINT_KEYS = ('model', 'optimizer', 'scheduler', 'scaler', 'rng', 'epoch', 'epochs',
+                   'batch_size', 'setup', 'history')
+
+
+def load_checkpoint(path):
+    """The resume checkpoint at path (train() writes it), with a clear error for a missing,
+    unreadable or incomplete file."""
+    if not path.is_file():
+        raise UsageError(f'nothing to resume: no checkpoint at {path}')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        ckpt = e
+    if not isinstance(ckpt, dict) or not all(k in ckpt for k in CHECKPOINT_KEYS):
+        raise UsageError(f'{path} is not a readable checkpoint of train.py (it may be truncated); '
+                         f'run again without --resume to start over (the best weights beside it '
+                         f'are replaced only by better ones)')
+    return ckpt
 
 
 def load_into(model, state, path, what):
@@ -781,8 +803,7 @@ def train(args, device):
     out = Path(args.out)
     meta_path, ckpt_path = out.with_suffix('.json'), out.with_suffix('.ckpt')
     csv_path, png_path = out.with_suffix('.csv'), out.with_suffix('.png')
-    if args.resume and not ckpt_path.is_file():
-        raise UsageError(f'nothing to resume: no checkpoint at {ckpt_path}')
+    ckpt = load_checkpoint(ckpt_path) if args.resume else None  # before the data: fail fast
 
     t_load = time.perf_counter()
     train_x, train_y, test_x, test_y, classes = load_data(args)
@@ -798,10 +819,14 @@ def train(args, device):
     best_acc, best_epoch = -1.0, 0
     if out.exists():
         prev = read_json(meta_path)
-        if prev is None or {k: prev.get(k) for k in setup} != setup:
+        if prev is None or not isinstance(prev.get('best_acc'), (int, float)):
+            raise UsageError(f'{out} already holds weights, but {meta_path}, which says what they '
+                             f'are and how good, is missing or unreadable; pass --out NEW.pth '
+                             f'to write elsewhere, or move {out} away')
+        if {k: prev.get(k) for k in setup} != setup:
             raise UsageError(f'{out} already holds weights of another setup; pass --out NEW.pth '
                              f'to write elsewhere, or move {out} away')
-        best_acc, best_epoch = prev['best_acc'], prev['best_epoch']
+        best_acc, best_epoch = prev['best_acc'], prev.get('best_epoch', 0)
         if not args.resume:
             print(f'{out} exists ({best_acc:.2f}%); this run replaces it only with better weights')
 
@@ -824,8 +849,7 @@ def train(args, device):
         torch.backends.cudnn.benchmark = True  # time cuDNN's algorithms once per shape
 
     history, start = [], 1
-    if args.resume:
-        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    if ckpt is not None:
         if ckpt['setup'] != setup or ckpt['epochs'] != args.epochs \
                 or ckpt['batch_size'] != args.batch_size:
             raise UsageError(f'{ckpt_path} is from another run ({ckpt["epochs"]} epochs, batch '
