@@ -186,12 +186,15 @@ def configs(device, quick):
         return [('resnet18', 16, 8, True, 'eager'), ('resnet18-small', 16, 8, True, 'eager'),
                 ('alexnet', 67, 8, True, 'eager'), ('resnet18-article', 16, 8, True, 'eager')]
     if device.type == 'cuda':  # graphs as train.py uses them; the other launches to compare
-        return [('resnet18', 32, 512, True, 'graph'), ('resnet18', 32, 512, True, 'whole'),
+        rows = [('resnet18', 32, 512, True, 'graph'), ('resnet18', 32, 512, True, 'whole'),
                 ('resnet18', 32, 512, True, 'eager'), ('resnet18', 32, 512, False, 'graph'),
                 ('resnet18', 32, 512, False, 'whole'), ('resnet18', 32, 512, False, 'eager'),
                 ('resnet18-small', 32, 512, True, 'graph'), ('alexnet', 227, 128, True, 'eager'),
                 ('resnet18', 224, 128, True, 'graph'), ('resnet18', 224, 128, False, 'eager'),
                 ('resnet18-article', 224, 128, False, 'eager')]
+        # A GPU with fp16 and no bf16: train.py --graph-whole-step records the model's graphs
+        # instead there (fp16's loss scaling is not recorded), so there is no such row to time.
+        return [r for r in rows if not (r[4] == 'whole' and precision(device, r[3]) == 'fp16')]
     return [('resnet18', 32, 512, True, 'eager'), ('resnet18-small', 32, 128, True, 'eager'),
             ('alexnet', 67, 128, True, 'eager'), ('resnet18-article', 32, 128, True, 'eager'),
             ('resnet18', 32, 128, True, 'eager')]

@@ -1027,6 +1027,17 @@ class BenchmarkTest(unittest.TestCase):
         self.assertEqual((r['launch'], r['precision']), ('whole', 'fp32'))
         self.assertGreater(r['efficiency'], 0)
 
+    def test_no_fp16_whole_rows(self):
+        # A GPU with fp16 only: train.py --graph-whole-step falls back to the model's graphs
+        # there, so the benchmark has no fp16 'whole' row (only the fp32 one).
+        import benchmark
+        cuda = torch.device('cuda')
+        for amp, whole in ((torch.bfloat16, [True, False]), (torch.float16, [False])):
+            with mock.patch.object(train, 'amp_dtype', return_value=amp):
+                rows = benchmark.configs(cuda, quick=False)
+            self.assertEqual([r[3] for r in rows if r[4] == 'whole'], whole, amp)
+            self.assertIn(('resnet18', 32, 512, True, 'graph'), rows)
+
     def test_article_specimen_has_the_article_bugs(self):
         # The specimen the benchmark times is the article's network: 3 blocks a stage, no
         # downsampling, biased convs. The checks that pin those bugs fail on it.
