@@ -21,7 +21,6 @@ import torch.nn as nn
 from PIL import Image
 from torchvision import transforms
 
-import config
 import layers
 import train
 from resnet import ResNet18
@@ -90,8 +89,7 @@ def measure(name, image_size, batch_size, device, amp, steps, repeats, launch='e
     mf = train.memory_format(device)
     model = build(name).to(device, memory_format=mf)
     optimizer = train.build_optimizer(model, 0.01, device)  # train.py's own
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.LABEL_SMOOTHING)  # as train.py
-    trainer = train.Trainer(model, optimizer, criterion, device, amp=amp)
+    trainer = train.Trainer(model, optimizer, train.build_criterion(), device, amp=amp)
     trainer.progress = False
 
     # A synthetic data set of CIFAR's shape (32 px uint8), fed at image_size as train.py does.

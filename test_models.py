@@ -5,11 +5,13 @@ article got wrong"). Everything runs on the CPU, on data the tests make, with no
 """
 import contextlib
 import copy
+import csv
 import functools
 import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -680,6 +682,13 @@ class TrainTest(unittest.TestCase):
         self.assertEqual(code, 0, err)
         self.assertIn(f'test accuracy {best:.2f}%', out)
         self.assertIn('per-class accuracy', out)
+        # The loss is the one the training log printed for that epoch (label smoothing too).
+        meta = json.loads(self.out.with_suffix('.json').read_text())
+        with open(self.out.with_suffix('.csv')) as f:
+            logged = next(float(row['valid_loss']) for row in csv.DictReader(f)
+                          if int(row['epoch']) == meta['best_epoch'])
+        printed = float(re.search(r'loss (\d+\.\d+)\)', out).group(1))
+        self.assertAlmostEqual(printed, logged, delta=0.0006)
 
         code, _, err = run_main('--eval', self.dir / 'missing.pth', '--data', self.data)
         self.assertEqual((code, err.count('\n')), (2, 1))

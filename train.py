@@ -515,6 +515,12 @@ def build_optimizer(model, lr, device):
                            fused=True if device.type == 'cuda' else None)  # None: the default
 
 
+def build_criterion():
+    """The loss of training, and of every evaluation, so that --eval reports the valid loss the
+    training log printed: cross-entropy with label smoothing (config.py)."""
+    return nn.CrossEntropyLoss(label_smoothing=config.LABEL_SMOOTHING)
+
+
 def load_optimizer_state(optimizer, state):
     """optimizer.load_state_dict(state), but keeping the optimizer's own implementation (fused
     or not): a checkpoint written on another device carries that device's."""
@@ -782,7 +788,7 @@ def evaluate(args, device):
     model = build_model(model_name, len(classes), small_input)
     load_into(model, state, path, model_name + (' --small-input' if small_input else ''))
     mf = memory_format(device)
-    trainer = Trainer(model.to(memory_format=mf), None, nn.CrossEntropyLoss(), device)
+    trainer = Trainer(model.to(memory_format=mf), None, build_criterion(), device)
     loader = TensorLoader(test_x.to(device), test_y, config.EVAL_BATCH_SIZE, mean, std,
                           image_size, train=False, memory_format=mf)
     loss, acc = trainer.epoch_valid(loader)
@@ -843,8 +849,7 @@ def train(args, device):
                                 args.image_size, train=False, memory_format=mf)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_linear(args.epochs * len(train_loader), config.WARMUP))
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.LABEL_SMOOTHING)
-    trainer = Trainer(model, optimizer, criterion, device, scheduler)
+    trainer = Trainer(model, optimizer, build_criterion(), device, scheduler)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True  # time cuDNN's algorithms once per shape
 
