@@ -553,6 +553,21 @@ class TrainTest(unittest.TestCase):
         self.assertTrue(math.isfinite(loss) and 0 <= acc <= 100)
         self.assertEqual(len(trainer.class_accuracy), 3)
 
+    def test_fp32_asks_for_no_autocast(self):
+        # fp32 (CPU, Apple's mps) runs without torch.autocast: before torch 2.5 even a disabled
+        # autocast raised "unsupported autocast device_type 'mps'".
+        model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        trainer = train.Trainer(model, optimizer, nn.CrossEntropyLoss())
+        self.assertIsNone(trainer.amp_dtype)
+        images = torch.randint(0, 256, (8, 3, 4, 4), dtype=torch.uint8)
+        loader = train.TensorLoader(images, torch.arange(8) % 3, 4, [0.5] * 3, [0.25] * 3, 4,
+                                    train=False)
+        refused = RuntimeError("User specified an unsupported autocast device_type 'mps'")
+        with mock.patch.object(torch, 'autocast', side_effect=refused):
+            trainer.epoch_train(loader)
+            trainer.epoch_valid(loader)
+
     def test_valid_loss_is_the_mean_over_samples(self):
         # The article divided the sum of batch means by the number of batches, which weights
         # the images of a short last batch more.

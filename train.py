@@ -303,8 +303,10 @@ class Trainer:
         self.autocast_cache = True  # off while a CUDA graph records: graphs cannot use it
 
     def _autocast(self):
+        if self.amp_dtype is None:  # fp32: no autocast at all (torch before 2.5 refuses even
+            return contextlib.nullcontext()  # a disabled one on Apple's 'mps' device)
         return torch.autocast(self.device.type, dtype=self.amp_dtype,
-                              enabled=self.amp_dtype is not None, cache_enabled=self.autocast_cache)
+                              cache_enabled=self.autocast_cache)
 
     def train_step(self, inputs, targets):
         """One step of the article's loop: forward, loss, backward, SGD update. Returns the
