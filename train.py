@@ -650,8 +650,8 @@ def load_checkpoint(path):
         raise UsageError(f'nothing to resume: no checkpoint at {path}')
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        ckpt = e
+    except Exception:  # truncated, or not a file torch.save wrote
+        ckpt = None
     if not isinstance(ckpt, dict) or not all(k in ckpt for k in CHECKPOINT_KEYS):
         raise UsageError(f'{path} is not a readable checkpoint of train.py (it may be truncated); '
                          f'run again without --resume to start over (the best weights beside it '
