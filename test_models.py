@@ -632,6 +632,13 @@ class TrainTest(unittest.TestCase):
         ckpt, meta = self.out.with_suffix('.ckpt'), self.out.with_suffix('.json')
         weights = self.out.read_bytes()
         good_ckpt = ckpt.read_bytes()
+        code, out, err = self.train('--epochs', 1, '--resume')
+        self.assertEqual(code, 0, err)
+        self.assertIn('already finished (epoch 1 of 1)', out)
+        code, _, err = self.train('--resume')  # 2 epochs: not the run the checkpoint is from
+        self.assertEqual((code, err.count('\n')), (2, 1), err)
+        self.assertIn('another run (--epochs 1 --batch-size 16 --model resnet18 --small-input',
+                      err)
         # A truncated checkpoint, and one that is a readable file of something else.
         for bad in (good_ckpt[:2000], None):
             if bad is None:

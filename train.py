@@ -859,9 +859,11 @@ def train(args, device):
     if ckpt is not None:
         if ckpt['setup'] != setup or ckpt['epochs'] != args.epochs \
                 or ckpt['batch_size'] != args.batch_size:
-            raise UsageError(f'{ckpt_path} is from another run ({ckpt["epochs"]} epochs, batch '
-                             f'{ckpt["batch_size"]}, {ckpt["setup"]["model"]}); resume it with '
-                             f'the same arguments')
+            was = ckpt['setup']
+            raise UsageError(f'{ckpt_path} is from another run (--epochs {ckpt["epochs"]} '
+                             f'--batch-size {ckpt["batch_size"]} --model {was["model"]}'
+                             f'{" --small-input" if was["small_input"] else ""} --image-size '
+                             f'{was["image_size"]}); resume it with the same arguments')
         model.load_state_dict(ckpt['model'])
         load_optimizer_state(optimizer, ckpt['optimizer'])
         scheduler.load_state_dict(ckpt['scheduler'])
@@ -869,7 +871,7 @@ def train(args, device):
         torch.set_rng_state(ckpt['rng'])
         history, start = ckpt['history'], ckpt['epoch'] + 1
         if start > args.epochs:
-            print(f'{ckpt_path}: that run already finished all {args.epochs} epochs')
+            print(f'{ckpt_path}: that run already finished (epoch {args.epochs} of {args.epochs})')
             return 0
         print(f'resuming from epoch {ckpt["epoch"]} of {args.epochs}')
     t_graphs = time.perf_counter()
