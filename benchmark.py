@@ -190,9 +190,10 @@ def configs(device, quick):
                 ('resnet18-small', 32, 512, True, 'graph'), ('alexnet', 227, 128, True, 'eager'),
                 ('resnet18', 224, 128, True, 'graph'), ('resnet18', 224, 128, False, 'eager'),
                 ('resnet18-article', 224, 128, False, 'eager')]
-        # A GPU with fp16 and no bf16: train.py --graph-whole-step records the model's graphs
-        # instead there (fp16's loss scaling is not recorded), so there is no such row to time.
-        return [r for r in rows if not (r[4] == 'whole' and precision(device, r[3]) == 'fp16')]
+        # A GPU with fp16 and no bf16: train.py --graph-whole-step graphs the model alone there,
+        # so there is no fp16 'whole' row to time.
+        return [r for r in rows if r[4] != 'whole'
+                or train.can_graph_whole_step(train.amp_dtype(device) if r[3] else None)]
     return [('resnet18', 32, 512, True, 'eager'), ('resnet18-small', 32, 128, True, 'eager'),
             ('alexnet', 67, 128, True, 'eager'), ('resnet18-article', 32, 128, True, 'eager'),
             ('resnet18', 32, 128, True, 'eager')]

@@ -413,6 +413,12 @@ def _quiet_graph_warnings():
     warnings.filterwarnings('ignore', message='Attempting to run cuBLAS, but there was no current')
 
 
+def can_graph_whole_step(amp_dtype):
+    """Whether GraphedStep can record the step: in bf16 or fp32, yes; fp16's loss scaling
+    (GradScaler) is not recorded in a graph here, so with fp16 the model alone is graphed."""
+    return amp_dtype != torch.float16
+
+
 class GraphedStep:
     """CUDA only (--graph-whole-step): the Trainer's whole train_step - forward, loss, backward
     and the SGD update - recorded as one CUDA graph and replayed for each batch.
@@ -878,10 +884,10 @@ def train(args, device):
     graphs = use_cuda_graphs(args, device)
     if graphs:
         inputs, targets = next(iter(train_loader))
-        if args.graph_whole_step and trainer.amp_dtype != torch.float16:
+        if args.graph_whole_step and can_graph_whole_step(trainer.amp_dtype):
             trainer.graphed_step = GraphedStep(trainer, inputs, targets)
         else:
-            if args.graph_whole_step:  # fp16's loss scaling is not recorded in a graph here
+            if args.graph_whole_step:
                 print('--graph-whole-step needs bf16 (this GPU has fp16 only): '
                       'recording the model\'s forward and backward instead')
             graph_model(model, inputs, trainer.amp_dtype)
