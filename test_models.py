@@ -462,8 +462,7 @@ class TrainTest(unittest.TestCase):
                                   nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).double()
             optimizer = train.build_optimizer(model, 0.02, torch.device('cpu'))
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train.warmup_linear(4, 0.5))
-            return train.Trainer(model, optimizer, nn.CrossEntropyLoss(label_smoothing=0.1),
-                                 scheduler=scheduler)
+            return train.Trainer(model, optimizer, train.build_criterion(), scheduler=scheduler)
 
         g = torch.Generator().manual_seed(1)
         batches = [(torch.randn(4, 3, 16, 16, generator=g, dtype=torch.float64),
