@@ -18,6 +18,7 @@ SMALL_INPUT = False           # ResNet stem for small images: 3x3/1 conv, no max
 # Optimisation
 NUM_EPOCHS = 30               # passes over the training set
 BATCH_SIZE = 512              # images per step
+SMALL_INPUT_BATCH_SIZE = 256  # images per step with --small-input (README, Results: why)
 LR = 0.2                      # peak learning rate (SGD); the article used 0.001 with no schedule
 ALEXNET_LR = 0.02             # peak lr when --model alexnet and no --lr: AlexNet has no BatchNorm
 WARMUP = 0.2                  # fraction of the steps spent rising linearly to the peak lr
@@ -29,7 +30,7 @@ EVAL_BATCH_SIZE = 1024        # images per step when evaluating
 # Run
 DEVICE = 'auto'               # auto picks cuda, then mps, then cpu
 CUDA_GRAPHS = True            # on CUDA, replay each ResNet training step as CUDA graphs
-GRAPH_WHOLE_STEP = False      # on CUDA, graph the whole step (with loss and SGD), not the model
+GRAPH_WHOLE_STEP = True       # on CUDA, graph the whole step (with loss and SGD), not the model
 SEED = 0                      # seeds the weights, the shuffling and the augmentation
 OUT_PATH = 'weight.pth'       # best weights; .json, .csv, .png and .ckpt go beside it
 SAVE_EVERY = 30.0             # seconds between writes of weights and checkpoint (and at the end)

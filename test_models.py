@@ -493,7 +493,8 @@ class TrainTest(unittest.TestCase):
     def test_cuda_graphs_are_recorded_once_on_a_full_train_batch(self):
         # CUDA graphs hold fixed input buffers, so the sample must be a train batch (all are
         # full), recorded in train mode: the graphs replay only in the mode they were made in.
-        # The model's graphs (graph_model, a no-op stand-in here: that run trains plainly)...
+        # With --no-graph-whole-step, the model's graphs (graph_model, a no-op stand-in here:
+        # that run trains plainly)...
         calls = []
 
         def record(model, sample, amp_dtype):
@@ -501,14 +502,15 @@ class TrainTest(unittest.TestCase):
 
         with mock.patch.object(train, 'use_cuda_graphs', return_value=True), \
                 mock.patch.object(train, 'graph_model', side_effect=record):
-            code, out, err = self.train('--epochs', 1, out=self.dir / 'plain' / 'weight.pth')
+            code, out, err = self.train('--epochs', 1, '--no-graph-whole-step',
+                                        out=self.dir / 'plain' / 'weight.pth')
         self.assertEqual(code, 0, err)
         self.assertEqual(calls, [(True, (16, 3, 8, 8), None)])
         self.assertIn('cpu, the model as CUDA graphs, 1 epochs', out)
         self.assertRegex(out, r'seconds: loading data [\d.]+, recording CUDA graphs [\d.]+, ')
 
-        # ... or, with --graph-whole-step, the whole step (GraphedStep's CPU stand-in), which
-        # must train as that plain run did.
+        # ... or, by default, the whole step (GraphedStep's CPU stand-in), which must train as
+        # that plain run did.
         replays = []
 
         class Counted(EagerGraphedStep):
@@ -519,8 +521,7 @@ class TrainTest(unittest.TestCase):
         with mock.patch.object(train, 'use_cuda_graphs', return_value=True), \
                 mock.patch.object(train, 'graph_model', side_effect=AssertionError), \
                 mock.patch.object(train, 'GraphedStep', Counted):
-            code, out, err = self.train('--epochs', 1, '--graph-whole-step',
-                                        out=self.dir / 'step' / 'weight.pth')
+            code, out, err = self.train('--epochs', 1, out=self.dir / 'step' / 'weight.pth')
         self.assertEqual(code, 0, err)
         self.assertEqual(replays, [16, 16, 16])  # every train batch, through the graph
         self.assertIn('cpu, the whole step as a CUDA graph, 1 epochs', out)
@@ -531,6 +532,23 @@ class TrainTest(unittest.TestCase):
             self.assertTrue(torch.allclose(v.float(), step['model'][k].float(), atol=1e-6), k)
         self.assertEqual(plain['history'][0]['train_loss'], step['history'][0]['train_loss'])
         self.assertIsInstance(step['optimizer']['param_groups'][0]['lr'], float)
+
+    def test_defaults_that_depend_on_other_arguments(self):
+        # --small-input trains at batch 256 (README, Results), the ImageNet stem at 512; an
+        # explicit --batch-size wins either way.
+        self.assertEqual(train.parse_args([]).batch_size, config.BATCH_SIZE)
+        self.assertEqual(train.parse_args(['--small-input']).batch_size,
+                         config.SMALL_INPUT_BATCH_SIZE)
+        self.assertEqual(config.SMALL_INPUT_BATCH_SIZE, 256)
+        self.assertEqual(train.parse_args(['--small-input', '--batch-size', '512']).batch_size,
+                         512)
+        # On CUDA the whole step is graphed unless --no-graph-whole-step, and --no-cuda-graphs
+        # alone turns every graph off, the whole step's too, with no complaint.
+        self.assertTrue(train.parse_args([]).graph_whole_step)
+        self.assertFalse(train.parse_args(['--no-graph-whole-step']).graph_whole_step)
+        args = train.parse_args(['--no-cuda-graphs'])
+        self.assertFalse(args.graph_whole_step)
+        train.check_args(args)
 
     def test_cuda_graphs_only_for_resnets_on_cuda(self):
         cuda, cpu = torch.device('cuda'), torch.device('cpu')

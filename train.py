@@ -700,8 +700,9 @@ def parse_args(argv=None):
                    help='where CIFAR-10 is downloaded or placed (default: %(default)s)')
     p.add_argument('--epochs', type=positive(int), default=config.NUM_EPOCHS,
                    help='passes over the training set (default: %(default)s)')
-    p.add_argument('--batch-size', type=positive(int), default=config.BATCH_SIZE,
-                   help='images per step (default: %(default)s)')
+    p.add_argument('--batch-size', type=positive(int), default=None,
+                   help=f'images per step (default: {config.BATCH_SIZE}; '
+                        f'{config.SMALL_INPUT_BATCH_SIZE} with --small-input)')
     p.add_argument('--lr', type=positive(float), default=None,
                    help=f'peak learning rate (default: {config.LR}; '
                         f'{config.ALEXNET_LR} for alexnet)')
@@ -729,14 +730,21 @@ def parse_args(argv=None):
                    default=config.CUDA_GRAPHS,
                    help='on CUDA, launch the ResNet\'s kernels one by one instead of replaying '
                         'them as a CUDA graph (slower at small image sizes)')
-    p.add_argument('--graph-whole-step', action='store_true', default=config.GRAPH_WHOLE_STEP,
+    p.add_argument('--graph-whole-step', action=argparse.BooleanOptionalAction, default=None,
                    help='on CUDA, record the whole training step (forward, loss, backward, '
-                        'SGD update) as one CUDA graph, not the model\'s forward and backward '
-                        'alone (README: not yet measured on a GPU)')
+                        'SGD update) as one CUDA graph; --no-graph-whole-step records the '
+                        'model\'s forward and backward alone (default: '
+                        f'{"whole step" if config.GRAPH_WHOLE_STEP else "model alone"})')
     p.add_argument('--save-every', type=positive(float, allow_zero=True),
                    default=config.SAVE_EVERY, metavar='SECONDS',
                    help='seconds between writes of weights and checkpoint (default: %(default)s)')
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # Defaults that depend on other arguments; an explicit value always wins.
+    if args.batch_size is None:
+        args.batch_size = config.SMALL_INPUT_BATCH_SIZE if args.small_input else config.BATCH_SIZE
+    if args.graph_whole_step is None:
+        args.graph_whole_step = config.GRAPH_WHOLE_STEP and args.cuda_graphs
+    return args
 
 
 def setup_of(args, classes):
@@ -888,7 +896,7 @@ def train(args, device):
             trainer.graphed_step = GraphedStep(trainer, inputs, targets)
         else:
             if args.graph_whole_step:
-                print('--graph-whole-step needs bf16 (this GPU has fp16 only): '
+                print('the whole step is graphed in bf16 only, and this GPU has fp16 only: '
                       'recording the model\'s forward and backward instead')
             graph_model(model, inputs, trainer.amp_dtype)
     t_graphs = time.perf_counter() - t_graphs
