@@ -105,7 +105,7 @@ def measure(name, image_size, batch_size, device, amp, steps, repeats, launch='e
     resident = Resident(inputs, targets, steps)
     if launch == 'graph':  # as train.py does on CUDA
         train.graph_model(model, inputs, trainer.amp_dtype)
-    elif launch == 'whole':  # as train.py --graph-whole-step does on CUDA
+    elif launch == 'whole':  # as train.py does on CUDA (its default)
         trainer.graphed_step = train.GraphedStep(trainer, inputs, targets)
 
     def rate(fn, count):
@@ -178,8 +178,8 @@ def device_name(device):
 
 def configs(device, quick):
     """(model, px, batch, amp, launch) rows for this device. launch: 'eager' (one launch a
-    kernel), 'graph' (the model's CUDA graphs, train.py's default on CUDA) or 'whole' (the
-    whole step as one CUDA graph, train.py --graph-whole-step)."""
+    kernel), 'graph' (the model's CUDA graphs, train.py --no-graph-whole-step) or 'whole' (the
+    whole step as one CUDA graph, train.py's default on CUDA)."""
     if quick:
         return [('resnet18', 16, 8, True, 'eager'), ('resnet18-small', 16, 8, True, 'eager'),
                 ('alexnet', 67, 8, True, 'eager'), ('resnet18-article', 16, 8, True, 'eager')]
@@ -190,8 +190,8 @@ def configs(device, quick):
                 ('resnet18-small', 32, 512, True, 'graph'), ('alexnet', 227, 128, True, 'eager'),
                 ('resnet18', 224, 128, True, 'graph'), ('resnet18', 224, 128, False, 'eager'),
                 ('resnet18-article', 224, 128, False, 'eager')]
-        # A GPU with fp16 and no bf16: train.py --graph-whole-step graphs the model alone there,
-        # so there is no fp16 'whole' row to time.
+        # A GPU with fp16 and no bf16: train.py graphs the model alone there, so there is no
+        # fp16 'whole' row to time.
         return [r for r in rows if r[4] != 'whole'
                 or train.can_graph_whole_step(train.amp_dtype(device) if r[3] else None)]
     return [('resnet18', 32, 512, True, 'eager'), ('resnet18-small', 32, 128, True, 'eager'),

@@ -1059,7 +1059,7 @@ class BenchmarkTest(unittest.TestCase):
         self.assertIn('resnet18-article', out.getvalue())  # the rows after it still ran
 
     def test_whole_rows_replay_the_whole_step(self):
-        # On CUDA, the 'whole' rows time train.py --graph-whole-step; here its CPU stand-in.
+        # On CUDA, the 'whole' rows time train.py's default step; here its CPU stand-in.
         import benchmark
         made = []
 
@@ -1076,7 +1076,7 @@ class BenchmarkTest(unittest.TestCase):
         self.assertGreater(r['efficiency'], 0)
 
     def test_no_fp16_whole_rows(self):
-        # A GPU with fp16 only: train.py --graph-whole-step falls back to the model's graphs
+        # A GPU with fp16 only: train.py falls back to the model's graphs
         # there, so the benchmark has no fp16 'whole' row (only the fp32 one).
         import benchmark
         cuda = torch.device('cuda')

@@ -389,7 +389,8 @@ def use_cuda_graphs(args, device):
 
 
 def graph_model(model, sample, amp_dtype):
-    """CUDA only: record the model's training forward and backward as two CUDA graphs.
+    """CUDA only (--no-graph-whole-step, or fp16): record the model's training forward and
+    backward as two CUDA graphs.
 
     A ResNet18 step at 32 px is hundreds of small kernels, and launching them one by one from
     Python takes about as long as the GPU takes to run them; a graph launches a pass at once.
@@ -420,8 +421,9 @@ def can_graph_whole_step(amp_dtype):
 
 
 class GraphedStep:
-    """CUDA only (--graph-whole-step): the Trainer's whole train_step - forward, loss, backward
-    and the SGD update - recorded as one CUDA graph and replayed for each batch.
+    """CUDA only, the default there (--no-graph-whole-step: graph_model instead): the Trainer's
+    whole train_step - forward, loss, backward and the SGD update - recorded as one CUDA graph
+    and replayed for each batch.
 
     graph_model records the model alone, so between two replays the host still launches the
     loss, its backward, the optimizer's update and the data path. Here it launches, per batch,
