@@ -506,7 +506,7 @@ class TrainTest(unittest.TestCase):
                                         out=self.dir / 'plain' / 'weight.pth')
         self.assertEqual(code, 0, err)
         self.assertEqual(calls, [(True, (16, 3, 8, 8), None)])
-        self.assertIn('cpu, the model as CUDA graphs, 1 epochs', out)
+        self.assertIn('cpu, the model as CUDA graphs, 1 epoch of 3 batches of 16', out)
         self.assertRegex(out, r'seconds: loading data [\d.]+, recording CUDA graphs [\d.]+, ')
 
         # ... or, by default, the whole step (GraphedStep's CPU stand-in), which must train as
@@ -524,7 +524,7 @@ class TrainTest(unittest.TestCase):
             code, out, err = self.train('--epochs', 1, out=self.dir / 'step' / 'weight.pth')
         self.assertEqual(code, 0, err)
         self.assertEqual(replays, [16, 16, 16])  # every train batch, through the graph
-        self.assertIn('cpu, the whole step as a CUDA graph, 1 epochs', out)
+        self.assertIn('cpu, the whole step as a CUDA graph, 1 epoch of 3 batches of 16', out)
         self.assertRegex(out, r'seconds: loading data [\d.]+, recording CUDA graphs [\d.]+, ')
         plain = torch.load(self.dir / 'plain' / 'weight.ckpt', weights_only=True)
         step = torch.load(self.dir / 'step' / 'weight.ckpt', weights_only=True)

@@ -817,6 +817,11 @@ def evaluate(args, device):
     return 0
 
 
+def plural(n, one, many):
+    """'1 epoch' or '30 epochs'."""
+    return f'{n} {one if n == 1 else many}'
+
+
 def memory_format(device):
     # channels_last (NHWC) picks the faster convolution kernels of cuDNN and of oneDNN on the
     # CPU (ResNet18 step at 32 px, batch 512, on 2 CPU cores: 457-479 against 371-430 img/s).
@@ -906,7 +911,9 @@ def train(args, device):
     launch = ('' if not graphs else ', the whole step as a CUDA graph' if trainer.graphed_step
               else ', the model as CUDA graphs')
     print(f'{args.model}{" (small input)" if args.small_input else ""}, {device.type}{launch}, '
-          f'{args.epochs} epochs of {len(train_loader)} batches of {args.batch_size}, peak lr {lr}')
+          f'{plural(args.epochs, "epoch", "epochs")} of '
+          f'{plural(len(train_loader), "batch", "batches")} of '
+          f'{args.batch_size}, peak lr {lr}')
     out.parent.mkdir(parents=True, exist_ok=True)
     best_params = None
     run_best = (-1.0, 0, None)  # this run's best: accuracy, epoch, per-class accuracy
