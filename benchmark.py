@@ -103,7 +103,7 @@ def measure(name, image_size, batch_size, device, amp, steps, repeats, launch='e
                                memory_format=mf)
     inputs, targets = next(iter(loader))
     resident = Resident(inputs, targets, steps)
-    if launch == 'graph':  # as train.py does on CUDA
+    if launch == 'graph':  # as train.py --no-graph-whole-step does on CUDA
         train.graph_model(model, inputs, trainer.amp_dtype)
     elif launch == 'whole':  # as train.py does on CUDA (its default)
         trainer.graphed_step = train.GraphedStep(trainer, inputs, targets)
@@ -183,7 +183,7 @@ def configs(device, quick):
     if quick:
         return [('resnet18', 16, 8, True, 'eager'), ('resnet18-small', 16, 8, True, 'eager'),
                 ('alexnet', 67, 8, True, 'eager'), ('resnet18-article', 16, 8, True, 'eager')]
-    if device.type == 'cuda':  # graphs as train.py uses them; the other launches to compare
+    if device.type == 'cuda':  # both of train.py's graph launches, and eager to compare
         rows = [('resnet18', 32, 512, True, 'graph'), ('resnet18', 32, 512, True, 'whole'),
                 ('resnet18', 32, 512, True, 'eager'), ('resnet18', 32, 512, False, 'graph'),
                 ('resnet18', 32, 512, False, 'whole'), ('resnet18', 32, 512, False, 'eager'),
