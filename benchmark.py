@@ -21,7 +21,10 @@ import torch.nn as nn
 from PIL import Image
 from torchvision import transforms
 
+import data
 import layers
+import saving
+import speed
 import train
 from resnet import ResNet18
 
@@ -86,8 +89,8 @@ class Resident:
 def measure(name, image_size, batch_size, device, amp, steps, repeats, launch='eager', warmup=1):
     """Raw step, Trainer epoch and eval img/s for one configuration (medians of repeats)."""
     torch.manual_seed(0)
-    mf = train.memory_format(device)
-    model = build(name).to(device, memory_format=mf)
+    mf = speed.memory_format(device)
+    model = speed.prepare_model(build(name), device)  # as train.py prepares it
     optimizer = train.build_optimizer(model, 0.01, device)  # train.py's own
     trainer = train.Trainer(model, optimizer, train.build_criterion(), device, amp=amp)
     trainer.progress = False
@@ -97,16 +100,16 @@ def measure(name, image_size, batch_size, device, amp, steps, repeats, launch='e
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (n,))
     mean, std = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
-    loader = train.TensorLoader(images, labels, batch_size, mean, std, image_size, train=True,
+    loader = data.TensorLoader(images, labels, batch_size, mean, std, image_size, train=True,
                                 memory_format=mf)
-    valid = train.TensorLoader(images, labels, batch_size, mean, std, image_size, train=False,
+    valid = data.TensorLoader(images, labels, batch_size, mean, std, image_size, train=False,
                                memory_format=mf)
     inputs, targets = next(iter(loader))
     resident = Resident(inputs, targets, steps)
     if launch == 'graph':  # as train.py --no-graph-whole-step does on CUDA
-        train.graph_model(model, inputs, trainer.amp_dtype)
+        speed.graph_model(model, inputs, trainer.amp_dtype)
     elif launch == 'whole':  # as train.py does on CUDA (its default)
-        trainer.graphed_step = train.GraphedStep(trainer, inputs, targets)
+        trainer.graphed_step = speed.GraphedStep(trainer, inputs, targets)
 
     def rate(fn, count):
         sync(device)
@@ -133,7 +136,7 @@ def measure(name, image_size, batch_size, device, amp, steps, repeats, launch='e
 
 
 def precision(device, amp):
-    dtype = train.amp_dtype(device) if amp else None
+    dtype = speed.amp_dtype(device) if amp else None
     return {None: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[dtype]
 
 
@@ -151,9 +154,9 @@ def data_path_rates(device, count, batch_size=128):
 
     images = arrays.permute(0, 3, 1, 2).contiguous().to(device)
     for px in (224, 32):
-        loader = train.TensorLoader(images, torch.zeros(count, dtype=torch.long), batch_size,
+        loader = data.TensorLoader(images, torch.zeros(count, dtype=torch.long), batch_size,
                                     [0.5] * 3, [0.25] * 3, px, train=True,
-                                    memory_format=train.memory_format(device))
+                                    memory_format=speed.memory_format(device))
         for _ in loader:  # warm-up
             pass
         sync(device)
@@ -193,7 +196,7 @@ def configs(device, quick):
         # A GPU with fp16 and no bf16: train.py graphs the model alone there, so there is no
         # fp16 'whole' row to time.
         return [r for r in rows if r[4] != 'whole'
-                or train.can_graph_whole_step(train.amp_dtype(device) if r[3] else None)]
+                or speed.can_graph_whole_step(speed.amp_dtype(device) if r[3] else None)]
     return [('resnet18', 32, 512, True, 'eager'), ('resnet18-small', 32, 128, True, 'eager'),
             ('alexnet', 67, 128, True, 'eager'), ('resnet18-article', 32, 128, True, 'eager'),
             ('resnet18', 32, 128, True, 'eager')]
@@ -213,7 +216,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         device = train.pick_device(args.device)
-    except train.UsageError as e:
+    except data.UsageError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     if device.type == 'cuda':
@@ -260,7 +263,7 @@ def main(argv=None):
                   f'{fixed["step_img_s"]:,.0f} fixed ({fixed["step_img_s"] / a["step_img_s"]:.1f}x '
                   f'slower; {a["precision"]}, {a["px"]} px, batch {a["batch"]})')
     if args.json:
-        train.save_text(json.dumps({'device': name, 'torch': torch.__version__,
+        saving.save_text(json.dumps({'device': name, 'torch': torch.__version__,
                                     'threads': torch.get_num_threads(), 'steps': steps,
                                     'repeats': repeats, 'results': results,
                                     'data_path': data, 'failed': failed}, indent=1), args.json)

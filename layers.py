@@ -1,56 +1,22 @@
 """ResNet's building blocks: conv3x3, conv1x1, BasicBlock, Bottleneck and ResidualLayer.
 
-Mirrors the article's "ResNetの実装" section. Each fix to the article's code is marked with a
-comment at the spot and listed in the README. conv3x3 and conv1x1 return the Conv2d below, an
-nn.Conv2d with a faster route for one CPU case.
+Mirrors the article's "ResNetの実装" section, with plain nn layers as the article and torchvision
+use. Each fix to the article's code is marked with a comment at the spot and listed in the README.
 """
 import torch.nn as nn
-import torch.nn.functional as F
-
-
-class Conv2d(nn.Conv2d):
-    """nn.Conv2d, computed as one matrix product on the CPU when its output is a single pixel.
-
-    Not in the article, and not a fix: a speed-up for the CPU. At 32 px, ResNet18's last stage
-    works on 1x1 feature maps. A 3x3 conv with padding 1 then sees its input through the centre
-    tap alone (the other 8 see padding), and the stride-2 conv into the stage sees its 2x2 input
-    through 4 taps. Either is one matrix product, but oneDNN's forward and backward of such a
-    conv take 7 to 24 times as long as the product's (2-core CPU, batch 512): over a third of a
-    training step. The parameters are the same, the values the same up to rounding, and the
-    taps that only ever see padding still get a zero gradient. Other devices, and every larger
-    output, take nn.Conv2d's own route.
-    """
-
-    def forward(self, x):
-        if not self.one_pixel_out(x):
-            return super().forward(x)
-        (kh, kw), (ph, pw) = self.kernel_size, self.padding
-        rows, cols = min(kh - ph, x.shape[-2]), min(kw - pw, x.shape[-1])  # the window seen
-        weight = self.weight[:, :, ph:ph + rows, pw:pw + cols]
-        out = F.linear(x[:, :, :rows, :cols].flatten(1), weight.flatten(1), self.bias)
-        return out[:, :, None, None]
-
-    def one_pixel_out(self, x):
-        """Whether x takes the matrix-product route: CPU, plain conv, 1x1 output."""
-        if (x.device.type != 'cpu' or x.dim() != 4 or self.groups != 1
-                or self.dilation != (1, 1) or self.padding_mode != 'zeros'
-                or isinstance(self.padding, str)):
-            return False
-        return all((size + 2 * p - k) // s == 0 for size, k, s, p in zip(
-            x.shape[-2:], self.kernel_size, self.stride, self.padding))
 
 
 def conv3x3(in_channels, out_channels, stride=1, groups=1, dilation=1):
     """3x3 convolution with padding."""
     # bias=False: the BatchNorm right after it has its own shift (the article used bias=True).
-    return Conv2d(in_channels, out_channels, kernel_size=3, stride=stride,
-                  padding=dilation, groups=groups, bias=False, dilation=dilation)
+    return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride,
+                     padding=dilation, groups=groups, bias=False, dilation=dilation)
 
 
 def conv1x1(in_channels, out_channels, stride=1):
     """1x1 convolution."""
     # bias=False, as in conv3x3 (the article used bias=True).
-    return Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False)
+    return nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False)
 
 
 class BasicBlock(nn.Module):

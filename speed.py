@@ -1,0 +1,218 @@
+"""What exists only to make training fast on a device; a learner can skip this file.
+
+train.py works without any of it: it would train to the same accuracy, only slower. Here are the
+precision and memory-format choice, a CPU route for convolutions with a one-pixel output, and
+the CUDA graphs that replay a whole training step at once.
+"""
+import contextlib
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def amp_dtype(device):
+    """bf16 autocast on CUDA (fp16 where bf16 is missing); fp32 elsewhere."""
+    if device.type != 'cuda':
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def memory_format(device):
+    # channels_last (NHWC) picks the faster convolution kernels of cuDNN and of oneDNN on the
+    # CPU (ResNet18 step at 32 px, batch 512, on 2 CPU cores: 457-479 against 371-430 img/s).
+    return torch.channels_last if device.type in ('cuda', 'cpu') else torch.contiguous_format
+
+
+class OnePixelConv2d(nn.Conv2d):
+    """nn.Conv2d, computed as one matrix product on the CPU when its output is a single pixel.
+
+    Not in the article, and not a fix: a speed-up for the CPU. At 32 px, ResNet18's last stage
+    works on 1x1 feature maps. A 3x3 conv with padding 1 then sees its input through the centre
+    tap alone (the other 8 see padding), and the stride-2 conv into the stage sees its 2x2 input
+    through 4 taps. Either is one matrix product, but oneDNN's forward and backward of such a
+    conv take 7 to 24 times as long as the product's (2-core CPU, batch 512): over a third of a
+    training step. The parameters are the same, the values the same up to rounding, and the
+    taps that only ever see padding still get a zero gradient. Other devices, and every larger
+    output, take nn.Conv2d's own route.
+    """
+
+    def forward(self, x):
+        if not self.one_pixel_out(x):
+            return super().forward(x)
+        (kh, kw), (ph, pw) = self.kernel_size, self.padding
+        rows, cols = min(kh - ph, x.shape[-2]), min(kw - pw, x.shape[-1])  # the window seen
+        weight = self.weight[:, :, ph:ph + rows, pw:pw + cols]
+        out = F.linear(x[:, :, :rows, :cols].flatten(1), weight.flatten(1), self.bias)
+        return out[:, :, None, None]
+
+    def one_pixel_out(self, x):
+        """Whether x takes the matrix-product route: CPU, plain conv, 1x1 output."""
+        if (x.device.type != 'cpu' or x.dim() != 4 or self.groups != 1
+                or self.dilation != (1, 1) or self.padding_mode != 'zeros'
+                or isinstance(self.padding, str)):
+            return False
+        return all((size + 2 * p - k) // s == 0 for size, k, s, p in zip(
+            x.shape[-2:], self.kernel_size, self.stride, self.padding))
+
+
+def route_one_pixel_convs(model):
+    """Give every nn.Conv2d of model OnePixelConv2d's forward, in place, and return model.
+
+    Only the class changes (as torch.nn.utils.parametrize also does): the module keeps its
+    parameters, names and hooks, so the state_dict, and weight.pth, stay a plain model's.
+    """
+    for m in model.modules():
+        if type(m) is nn.Conv2d:
+            m.__class__ = OnePixelConv2d
+    return model
+
+
+def prepare_model(model, device):
+    """The model on device, in its fastest memory format; on the CPU, with the one-pixel route."""
+    if device.type == 'cpu':
+        route_one_pixel_convs(model)
+    return model.to(device, memory_format=memory_format(device))
+
+
+def use_cuda_graphs(args, device):
+    # AlexNet's few large kernels keep a GPU busy already, and its dropout draws random numbers.
+    return args.cuda_graphs and device.type == 'cuda' and args.model != 'alexnet'
+
+
+def graph_model(model, sample, amp_dtype):
+    """CUDA only (--no-graph-whole-step, or fp16): record the model's training forward and
+    backward as two CUDA graphs.
+
+    A ResNet18 step at 32 px is hundreds of small kernels, and launching them one by one from
+    Python takes about as long as the GPU takes to run them; a graph launches a pass at once.
+    The model is changed in place: in train mode it replays the graphs, which hold fixed input
+    buffers, so every batch must have the shape of `sample` (the train batches all do); in
+    eval mode it runs as before. Recording runs 3 warm-up passes on `sample` first.
+    """
+    _quiet_graph_warnings()
+    # Recorded under autocast so the graphs hold its casts; graphs cannot use its weight cache.
+    amp = (torch.autocast('cuda', dtype=amp_dtype, cache_enabled=False) if amp_dtype
+           else contextlib.nullcontext())
+    with amp:
+        return torch.cuda.make_graphed_callables(model, (sample,))
+
+
+def _quiet_graph_warnings():
+    # Recording runs on a side stream, and PyTorch then warns at each backward that the
+    # gradients' streams differ (and once that cuBLAS had no context yet). The graphed runs
+    # train as the eager ones do (README, Results), so those two messages are left out.
+    warnings.filterwarnings('ignore', message="The AccumulateGrad node's stream does not match")
+    warnings.filterwarnings('ignore', message='Attempting to run cuBLAS, but there was no current')
+
+
+def can_graph_whole_step(amp_dtype):
+    """Whether GraphedStep can record the step: in bf16 or fp32, yes; fp16's loss scaling
+    (GradScaler) is not recorded in a graph here, so with fp16 the model alone is graphed."""
+    return amp_dtype != torch.float16
+
+
+class GraphedStep:
+    """CUDA only, the default there (--no-graph-whole-step: graph_model instead): the Trainer's
+    whole train_step - forward, loss, backward and the SGD update - recorded as one CUDA graph
+    and replayed for each batch.
+
+    graph_model records the model alone, so between two replays the host still launches the
+    loss, its backward, the optimizer's update and the data path. Here it launches, per batch,
+    the data path, two copies into the graph's input buffers, the lr and the replay (and the
+    Trainer's loss copy and argmax). The graph reads the lr from a tensor, which each call sets
+    from the optimizer's current lr (the scheduler's).
+
+    Recording runs the step `warmup` times first on the sample batch (cuDNN picks its kernels,
+    SGD makes its momentum buffers), then puts the weights, the BatchNorm statistics and the
+    momentum back as they were: the replays train exactly as train_step would. The loss and
+    outputs a call returns live in the graph's memory until the next call; the loss is copied.
+    """
+
+    def __init__(self, trainer, inputs, targets, warmup=3):
+        self.trainer, self.warmup = trainer, warmup
+        trainer.model.train()  # BatchNorm as in training: the graph replays what it records
+        self.inputs, self.targets = inputs.clone(), targets.clone()  # the fixed input buffers
+        self.groups = trainer.optimizer.param_groups
+        # One lr tensor per parameter group, in the weights' dtype (float32 on CUDA, which is
+        # what fused SGD reads there).
+        self.lrs = [torch.tensor(float(g['lr']), dtype=g['params'][0].dtype, device=inputs.device)
+                    for g in self.groups]
+        self.loss = self.outputs = None
+        state = self._state()
+        saved = [t.detach().clone() for t in state]
+        trainer.autocast_cache = False
+        try:
+            with self._lr_from_tensors():
+                self._replay = self._record(self._step)
+        finally:
+            trainer.autocast_cache = True
+        with torch.no_grad():
+            for t, s in zip(state, saved):
+                t.copy_(s)
+            for t in self._state():
+                if not any(t is s for s in state):  # momentum that the warm-up created:
+                    t.zero_()  # from zero, the next update equals SGD's first one
+
+    def __call__(self, inputs, targets):
+        self.inputs.copy_(inputs)
+        self.targets.copy_(targets)
+        for lr, group in zip(self.lrs, self.groups):
+            lr.fill_(group['lr'])
+        self._replay()
+        return self.loss.detach().clone(), self.outputs.detach()
+
+    def _step(self):
+        self.loss, self.outputs = self.trainer.train_step(self.inputs, self.targets)
+
+    def _state(self):
+        """What a step changes besides the gradients: the weights, the model's buffers, then
+        the momentum buffers that exist."""
+        model, optimizer = self.trainer.model, self.trainer.optimizer
+        momentum = [optimizer.state[p]['momentum_buffer'] for g in self.groups
+                    for p in g['params'] if optimizer.state[p].get('momentum_buffer') is not None]
+        return [*model.parameters(), *model.buffers(), *momentum]
+
+    @contextlib.contextmanager
+    def _lr_from_tensors(self):
+        """The optimizer reads its lr from self.lrs while this is on (the graph records that)."""
+        floats = [g['lr'] for g in self.groups]
+        for lr, group in zip(self.lrs, self.groups):
+            group['lr'] = lr
+        try:
+            yield
+        finally:
+            for lr, group in zip(floats, self.groups):
+                group['lr'] = lr
+
+    def _record(self, step):
+        """Run `step` `warmup` times, record it as a CUDA graph, and return the graph's replay.
+        (The tests stand in for this one method on the CPU.)"""
+        _quiet_graph_warnings()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up and recording on one side stream
+            for _ in range(self.warmup):
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.trainer.optimizer.zero_grad(set_to_none=True)  # the graph makes its own gradients
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            step()
+        return graph.replay
+
+
+def record_graphs(trainer, loader, whole_step):
+    """CUDA only: record the training step on the first train batch, as one graph of the whole
+    step (GraphedStep) or as the model's graphs (graph_model); return how the step now runs,
+    for the run's header line."""
+    inputs, targets = next(iter(loader))
+    if whole_step and can_graph_whole_step(trainer.amp_dtype):
+        trainer.graphed_step = GraphedStep(trainer, inputs, targets)
+        return 'the whole step as a CUDA graph'
+    if whole_step:
+        print('the whole step is graphed in bf16 only, and this GPU has fp16 only: '
+              'recording the model\'s forward and backward instead')
+    graph_model(trainer.model, inputs, trainer.amp_dtype)
+    return 'the model as CUDA graphs'

@@ -1,0 +1,106 @@
+"""What the test files share: small data they make, and ways to run the scripts. No tests here."""
+import contextlib
+import functools
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+import speed
+import train
+
+HERE = Path(__file__).resolve().parent
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))  # as CI's 2 cores, on any machine
+
+SCRIPTS = ('resnet.py', 'alexnet.py')
+
+
+@functools.lru_cache(maxsize=None)
+def script_outputs():
+    """Run each of SCRIPTS as __main__, as `python NAME` does, in one fresh interpreter (one
+    torch import for all), then `import train`; return {name: stdout}."""
+    code = ('import runpy, sys\n'
+            'for name in sys.argv[1:]:\n'
+            '    print("=== " + name, flush=True)\n'
+            '    runpy.run_path(name, run_name="__main__")\n'
+            # And which torchvision modules `import train` brings in (TrainTest).
+            'import train\n'
+            'print("=== import train")\n'
+            'print(*sorted(m for m in sys.modules if m.split(".")[0] == "torchvision"))\n')
+    out = subprocess.run([sys.executable, '-c', code, *SCRIPTS], cwd=HERE, capture_output=True,
+                         text=True, check=True, timeout=120).stdout
+    parts = out.split('=== ')[1:]
+    return {p.split('\n', 1)[0]: p.split('\n', 1)[1] for p in parts}
+
+
+def run_script(name):
+    """The stdout of `python name` (see script_outputs)."""
+    return script_outputs()[name]
+
+
+def copy_weights(src, dst):
+    """Copy src's parameters and buffers into dst in order, tensor by tensor."""
+    src_t = list(src.state_dict().values())
+    dst_t = list(dst.state_dict().values())
+    assert len(src_t) == len(dst_t)
+    with torch.no_grad():
+        for s, d in zip(src_t, dst_t):
+            assert s.shape == d.shape
+            d.copy_(s)
+
+
+COLOURS = {'blue': (40, 60, 200), 'green': (40, 180, 60), 'red': (200, 40, 40)}
+
+
+def make_colour_folder(root, n_train=16, n_test=10, size=8, seed=0):
+    """An ImageFolder task where the colour is the class, as PNGs with noise."""
+    g = torch.Generator().manual_seed(seed)
+    for split, n in (('train', n_train), ('test', n_test)):
+        for name, rgb in COLOURS.items():
+            folder = Path(root, split, name)
+            folder.mkdir(parents=True)
+            for i in range(n):
+                noise = torch.randint(-40, 41, (size, size, 3), generator=g)
+                pixels = (torch.tensor(rgb) + noise).clamp(0, 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / f'{i:03d}.png')
+    # Grayscale and RGBA images are read too (converted to RGB).
+    Image.new('L', (size, size), 90).save(Path(root, 'train', 'blue', 'gray.png'))
+    Image.new('RGBA', (size + 4, size), (200, 40, 40, 128)).save(
+        Path(root, 'train', 'red', 'rgba.png'))
+    return root
+
+
+def run_main(*argv):
+    """train.main(argv) with stdout and stderr captured: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = train.main([str(a) for a in argv])
+        except SystemExit as e:  # argparse
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+class EagerGraphedStep(speed.GraphedStep):
+    """speed.GraphedStep with its one CUDA-only method stood in for on the CPU: 'recording'
+    runs the step eagerly (once more than the warm-up, though a CUDA graph only records that
+    pass), and each 'replay' runs it again, reading the lr from the tensors and writing the loss
+    and outputs into the recorded ones, as the graph does."""
+
+    def _record(self, step):
+        for _ in range(self.warmup + 1):
+            step()
+
+        def replay():
+            recorded = self.loss, self.outputs
+            with self._lr_from_tensors():
+                step()
+            with torch.no_grad():
+                for old, new in zip(recorded, (self.loss, self.outputs)):
+                    old.copy_(new)
+            self.loss, self.outputs = recorded
+        return replay

@@ -1,0 +1,146 @@
+"""Tests for speed.py: the CPU's one-pixel conv route, the CUDA graphs (their logic, on the CPU)
+and the precision choice. Each trick must compute what the plain code computes.
+"""
+import math
+import unittest
+from unittest import mock
+
+import torch
+import torch.nn as nn
+import torchvision
+
+import data
+import layers
+import speed
+import train
+from resnet import ResNet18
+from test_helpers import EagerGraphedStep, copy_weights
+
+
+class SpeedTest(unittest.TestCase):
+
+    def test_one_pixel_conv_is_the_same_conv(self):
+        # OnePixelConv2d's CPU route for a 1x1 output (ResNet18's last stage at 32 px) is a
+        # matrix product over the window the conv sees: the same outputs and gradients as
+        # nn.Conv2d.
+        torch.manual_seed(0)
+        cases = [  # input px, kernel, stride, padding, whether the route is taken
+            (1, 3, 1, 1, True), (2, 3, 2, 1, True), (2, 1, 2, 0, True), (3, 3, 3, 0, True),
+            (2, 3, 1, 1, False), (4, 3, 2, 1, False)]
+        for px, k, s, p, route in cases:
+            for bias, fmt in ((False, torch.channels_last), (True, torch.contiguous_format)):
+                with self.subTest(px=px, kernel=k, stride=s, bias=bias):
+                    ref = nn.Conv2d(6, 5, k, s, p, bias=bias).double()
+                    ours = speed.OnePixelConv2d(6, 5, k, s, p, bias=bias).double()
+                    ours.load_state_dict(ref.state_dict())
+                    x = torch.randn(4, 6, px, px, dtype=torch.double)
+                    x = x.contiguous(memory_format=fmt)
+                    self.assertEqual(ours.one_pixel_out(x), route)
+                    results, grad_out = [], None
+                    for conv in (ref, ours):
+                        xi = x.clone().requires_grad_()
+                        out = conv(xi)
+                        grad_out = torch.randn_like(out) if grad_out is None else grad_out
+                        out.backward(grad_out)
+                        results.append([out, xi.grad] + [w.grad for w in conv.parameters()])
+                    for a, b in zip(*results):
+                        self.assertEqual(a.shape, b.shape)
+                        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+    def test_last_stage_at_32px_is_matrix_products_with_torchvisions_gradients(self):
+        # At 32 px every conv of layer4 has a 1x1 output and takes the one-pixel CPU route,
+        # which training puts on the plain model: its state_dict stays the plain model's.
+        torch.manual_seed(0)
+        ours = speed.prepare_model(ResNet18(10), torch.device('cpu'))
+        self.assertEqual(list(ours.state_dict()), list(ResNet18(10).state_dict()))
+        self.assertTrue(all(type(m) is not nn.Conv2d for m in ours.modules()))
+        # float64: with BatchNorm over 4 samples of 1x1 maps, float32 rounding would show.
+        ours, theirs = ours.double(), torchvision.models.resnet18(num_classes=10).double()
+        copy_weights(theirs, ours)
+        routed = []
+
+        def note_route(conv, args):
+            if conv.one_pixel_out(args[0]):
+                routed.append(names[conv])
+
+        names = {m: name for name, m in ours.named_modules()
+                 if isinstance(m, speed.OnePixelConv2d)}
+        for conv in names:
+            conv.register_forward_pre_hook(note_route)
+        x, y = torch.randn(4, 3, 32, 32, dtype=torch.double), torch.tensor([0, 1, 2, 3])
+        for model in (ours, theirs):
+            model = model.to(memory_format=torch.channels_last)
+            nn.functional.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)),
+                                        y).backward()
+        self.assertEqual(sorted(routed), [
+            'layer4.blocks.0.conv1', 'layer4.blocks.0.conv2', 'layer4.first_block.conv1',
+            'layer4.first_block.conv2', 'layer4.first_block.downsample.0'])
+        for a, b in zip(ours.parameters(), theirs.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-7, atol=1e-9)
+
+    def test_model_files_hold_plain_convs(self):
+        # The route is speed.py's, put on by training: the model files build nn.Conv2d.
+        self.assertIs(type(layers.conv3x3(4, 4)), nn.Conv2d)
+        self.assertIs(type(layers.conv1x1(4, 4)), nn.Conv2d)
+        self.assertEqual({type(m) for m in ResNet18(10).modules() if isinstance(m, nn.Conv2d)},
+                         {nn.Conv2d})
+
+    def test_whole_step_graph_trains_as_the_plain_step(self):
+        # The recorded step must train exactly as Trainer.train_step: its warm-up leaves no
+        # trace (weights, BatchNorm statistics, momentum) and each replay takes the current lr.
+        # A small network with each kind of state is enough (train.py's test runs a ResNet).
+        def trainer():
+            torch.manual_seed(0)
+            model = nn.Sequential(layers.conv3x3(3, 8), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).double()
+            optimizer = train.build_optimizer(model, 0.02, torch.device('cpu'))
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train.warmup_linear(4, 0.5))
+            return train.Trainer(model, optimizer, train.build_criterion(), scheduler=scheduler)
+
+        g = torch.Generator().manual_seed(1)
+        batches = [(torch.randn(4, 3, 16, 16, generator=g, dtype=torch.float64),
+                    torch.randint(0, 3, (4,), generator=g)) for _ in range(4)]
+        for resumed in (False, True):  # recorded before any step, or with momentum already
+            plain, graphed = trainer(), trainer()
+            start = 1 if resumed else 0
+            for t in (plain, graphed):
+                for inputs, targets in batches[:start]:
+                    t.train_step(inputs, targets)
+                    t.scheduler.step()
+            graphed.graphed_step = EagerGraphedStep(graphed, *batches[start], warmup=2)
+            for inputs, targets in batches[start:]:
+                loss, outputs = plain.train_step(inputs, targets)
+                plain.scheduler.step()
+                g_loss, g_outputs = graphed.graphed_step(inputs, targets)
+                graphed.scheduler.step()
+                self.assertEqual(g_loss.item(), loss.item())
+                self.assertTrue(torch.equal(g_outputs, outputs))
+            for (k, v), w in zip(plain.model.state_dict().items(),
+                                 graphed.model.state_dict().values()):
+                self.assertTrue(torch.equal(v, w), (resumed, k))
+            for p, q in zip(plain.model.parameters(), graphed.model.parameters()):
+                self.assertTrue(torch.equal(plain.optimizer.state[p]['momentum_buffer'],
+                                            graphed.optimizer.state[q]['momentum_buffer']))
+            self.assertIsInstance(graphed.optimizer.param_groups[0]['lr'], float)
+
+    def test_cuda_graphs_only_for_resnets_on_cuda(self):
+        cuda, cpu = torch.device('cuda'), torch.device('cpu')
+        self.assertTrue(speed.use_cuda_graphs(train.parse_args([]), cuda))
+        self.assertFalse(speed.use_cuda_graphs(train.parse_args([]), cpu))
+        self.assertFalse(speed.use_cuda_graphs(train.parse_args(['--no-cuda-graphs']), cuda))
+        self.assertFalse(speed.use_cuda_graphs(train.parse_args(['--model', 'alexnet']), cuda))
+
+    def test_fp32_asks_for_no_autocast(self):
+        # fp32 (CPU, Apple's mps) runs without torch.autocast: before torch 2.5 even a disabled
+        # autocast raised "unsupported autocast device_type 'mps'".
+        model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        trainer = train.Trainer(model, optimizer, nn.CrossEntropyLoss())
+        self.assertIsNone(trainer.amp_dtype)
+        images = torch.randint(0, 256, (8, 3, 4, 4), dtype=torch.uint8)
+        loader = data.TensorLoader(images, torch.arange(8) % 3, 4, [0.5] * 3, [0.25] * 3, 4,
+                                    train=False)
+        refused = RuntimeError("User specified an unsupported autocast device_type 'mps'")
+        with mock.patch.object(torch, 'autocast', side_effect=refused):
+            trainer.epoch_train(loader)
+            trainer.epoch_valid(loader)

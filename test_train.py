@@ -1,0 +1,492 @@
+"""Tests for train.py (and saving.py) end to end, on a small generated image folder, on the CPU.
+
+Each of the article's bugs in the training script has a test here that fails on the article's
+code (README, "What the article got wrong"). No test touches the network.
+"""
+import contextlib
+import copy
+import csv
+import io
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import unittest
+import urllib.error
+from pathlib import Path
+from unittest import mock
+
+import torch
+import torch.nn as nn
+import torchvision
+from PIL import Image
+
+import config
+import data
+import saving
+import speed
+import train
+from resnet import ResNet18, ResNet34
+from test_helpers import COLOURS, EagerGraphedStep, make_colour_folder, run_main, run_script
+
+
+class TrainTest(unittest.TestCase):
+    """train.py end to end on a small generated image folder, on the CPU."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.data = make_colour_folder(Path(cls.tmp.name, 'colours'))
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def setUp(self):
+        self.dir = Path(tempfile.mkdtemp(dir=self.tmp.name))
+        self.out = self.dir / 'weight.pth'
+
+    def train(self, *extra, out=None):
+        # 8 px colour patches: the small-input stem, a low lr and 2 epochs of 3 steps learn
+        # them on any seed tried.
+        return run_main('--data', self.data, '--image-size', 8, '--small-input', '--lr', 0.01,
+                        '--batch-size', 16, '--epochs', 2, '--device', 'cpu', '--workers', 1,
+                        '--out', out or self.out, *extra)
+
+    def test_learns_colour_task_and_writes_its_files(self):
+        real_open = Image.open
+        with mock.patch.object(Image, 'open', side_effect=real_open) as opened:
+            code, out, err = self.train()  # --workers 1: decoded in this process
+        self.assertEqual(code, 0, err)
+        # The article ran every image through PIL (Resize + ToTensor) in every epoch.
+        n_images = sum(1 for _ in Path(self.data).rglob('*.png'))
+        self.assertEqual(opened.call_count, n_images + 1)  # + 1: the size probe
+        # The article printed {num_epochs}, undefined: NameError in the first epoch.
+        self.assertIn('epoch 1/2', out)
+        meta = json.loads(self.out.with_suffix('.json').read_text())
+        self.assertGreater(meta['best_acc'], 80)  # chance is 33%
+        last = out.strip().splitlines()[-1]
+        self.assertRegex(last, r'best .*\d\d\.\d\d% .*epoch \d')
+        self.assertIn(str(self.out), last)
+        self.assertIn('per-class accuracy', out)
+        self.assertRegex(out, r'\nseconds: loading data [\d.]+, training [\d.]+, '
+                              r'evaluating [\d.]+, saving [\d.]+\n')
+        # A plain state_dict that the article's model loads as the article implies.
+        model = ResNet18(3, small_input=True)
+        model.load_state_dict(torch.load(self.out, weights_only=True))
+        self.assertEqual(meta['classes'], sorted(COLOURS))
+        self.assertEqual(len(meta['mean']), 3)
+        self.assertEqual(self.out.with_suffix('.csv').read_text().count('\n'), 3)
+        self.assertTrue(self.out.with_suffix('.ckpt').is_file())
+        self.assertEqual(list(self.dir.glob('*.tmp')), [])
+
+    def test_best_weights_are_a_copy(self):
+        # The article kept trainer.params (a live state_dict), so it saved the last epoch.
+        accs = iter([60.0, 40.0])
+        states = []
+        real_valid = train.Trainer.epoch_valid
+
+        def fake_valid(trainer, loader):
+            loss, _ = real_valid(trainer, loader)
+            states.append({k: v.clone() for k, v in trainer.params.items()})
+            return loss, next(accs)
+
+        with mock.patch.object(train.Trainer, 'epoch_valid', fake_valid):
+            code, out, err = self.train()
+        self.assertEqual(code, 0, err)
+        saved = torch.load(self.out, weights_only=True)
+        key = 'layer4.blocks.0.conv2.weight'
+        self.assertTrue(torch.equal(saved[key], states[0][key]))
+        self.assertFalse(torch.equal(saved[key], states[1][key]))
+        self.assertIn('best valid accuracy 60.00% at epoch 1', out)
+
+    def test_starts_without_torchvision(self):
+        # Importing torchvision costs about 3 s on 2 cores; train.py needs it for CIFAR-10 only.
+        self.assertEqual(run_script('import train').strip(), '')
+        # The extensions it lists instead are torchvision's ImageFolder's.
+        self.assertEqual(set(data.IMG_EXTENSIONS),
+                         set(torchvision.datasets.folder.IMG_EXTENSIONS))
+
+    def test_cuda_graphs_are_recorded_once_on_a_full_train_batch(self):
+        # CUDA graphs hold fixed input buffers, so the sample must be a train batch (all are
+        # full), recorded in train mode: the graphs replay only in the mode they were made in.
+        # With --no-graph-whole-step, the model's graphs (graph_model, a no-op stand-in here:
+        # that run trains plainly)...
+        calls = []
+
+        def record(model, sample, amp_dtype):
+            calls.append((model.training, tuple(sample.shape), amp_dtype))
+
+        with mock.patch.object(speed, 'use_cuda_graphs', return_value=True), \
+                mock.patch.object(speed, 'graph_model', side_effect=record):
+            code, out, err = self.train('--epochs', 1, '--no-graph-whole-step',
+                                        out=self.dir / 'plain' / 'weight.pth')
+        self.assertEqual(code, 0, err)
+        self.assertEqual(calls, [(True, (16, 3, 8, 8), None)])
+        self.assertIn('cpu, the model as CUDA graphs, 1 epoch of 3 batches of 16', out)
+        self.assertRegex(out, r'seconds: loading data [\d.]+, recording CUDA graphs [\d.]+, ')
+
+        # ... or, by default, the whole step (GraphedStep's CPU stand-in), which must train as
+        # that plain run did.
+        replays = []
+
+        class Counted(EagerGraphedStep):
+            def __call__(self, inputs, targets):
+                replays.append(len(inputs))
+                return super().__call__(inputs, targets)
+
+        with mock.patch.object(speed, 'use_cuda_graphs', return_value=True), \
+                mock.patch.object(speed, 'graph_model', side_effect=AssertionError), \
+                mock.patch.object(speed, 'GraphedStep', Counted):
+            code, out, err = self.train('--epochs', 1, out=self.dir / 'step' / 'weight.pth')
+        self.assertEqual(code, 0, err)
+        self.assertEqual(replays, [16, 16, 16])  # every train batch, through the graph
+        self.assertIn('cpu, the whole step as a CUDA graph, 1 epoch of 3 batches of 16', out)
+        self.assertRegex(out, r'seconds: loading data [\d.]+, recording CUDA graphs [\d.]+, ')
+        plain = torch.load(self.dir / 'plain' / 'weight.ckpt', weights_only=True)
+        step = torch.load(self.dir / 'step' / 'weight.ckpt', weights_only=True)
+        for k, v in plain['model'].items():  # the lr is a float32 tensor in the graph
+            self.assertTrue(torch.allclose(v.float(), step['model'][k].float(), atol=1e-6), k)
+        self.assertEqual(plain['history'][0]['train_loss'], step['history'][0]['train_loss'])
+        self.assertIsInstance(step['optimizer']['param_groups'][0]['lr'], float)
+
+    def test_defaults_that_depend_on_other_arguments(self):
+        # --small-input trains at batch 256 (README, Results), the ImageNet stem at 512; an
+        # explicit --batch-size wins either way.
+        self.assertEqual(train.parse_args([]).batch_size, config.BATCH_SIZE)
+        self.assertEqual(train.parse_args(['--small-input']).batch_size,
+                         config.SMALL_INPUT_BATCH_SIZE)
+        self.assertEqual(config.SMALL_INPUT_BATCH_SIZE, 256)
+        self.assertEqual(train.parse_args(['--small-input', '--batch-size', '512']).batch_size,
+                         512)
+        # On CUDA the whole step is graphed unless --no-graph-whole-step, and --no-cuda-graphs
+        # alone turns every graph off, the whole step's too, with no complaint.
+        self.assertTrue(train.parse_args([]).graph_whole_step)
+        self.assertFalse(train.parse_args(['--no-graph-whole-step']).graph_whole_step)
+        args = train.parse_args(['--no-cuda-graphs'])
+        self.assertFalse(args.graph_whole_step)
+        train.check_args(args)
+
+    def test_validation_runs_without_autograd(self):
+        model = ResNet18(3)
+        seen = []
+        model.register_forward_hook(lambda m, i, o: seen.append(torch.is_grad_enabled()))
+        trainer = train.Trainer(model, None, nn.CrossEntropyLoss())
+        images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+        loader = data.TensorLoader(images, torch.arange(8) % 3, 4, [0.5] * 3, [0.25] * 3, 16,
+                                    train=False)
+        loss, acc = trainer.epoch_valid(loader)
+        self.assertEqual(seen, [False, False])
+        self.assertTrue(math.isfinite(loss) and 0 <= acc <= 100)
+        self.assertEqual(len(trainer.class_accuracy), 3)
+
+    def test_valid_loss_is_the_mean_over_samples(self):
+        # The article divided the sum of batch means by the number of batches, which weights
+        # the images of a short last batch more.
+        torch.manual_seed(0)
+        model = ResNet18(3, small_input=True).eval()
+        trainer = train.Trainer(model, None, nn.CrossEntropyLoss())
+        images = torch.randint(0, 256, (9, 3, 8, 8), dtype=torch.uint8)
+        labels = torch.arange(9) % 3
+        loader = data.TensorLoader(images, labels, 4, [0.5] * 3, [0.25] * 3, 8, train=False)
+        loss, _ = trainer.epoch_valid(loader)  # batches of 4, 4 and 1
+        with torch.no_grad():
+            inputs = torch.cat([x for x, _ in loader])
+            expected = nn.functional.cross_entropy(model(inputs), labels).item()
+        self.assertAlmostEqual(loss, expected, places=5)
+
+    def test_train_loss_and_accuracy_are_over_samples(self):
+        # As in validation, the article's mean of batch means over-weighted a short batch.
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights stay put
+        trainer = train.Trainer(model, optimizer, nn.CrossEntropyLoss())
+        inputs, labels = torch.randn(9, 3, 2, 2), torch.arange(9) % 3
+        batches = [(inputs[i:i + 4], labels[i:i + 4]) for i in (0, 4, 8)]  # 4, 4 and 1
+        loss, acc = trainer.epoch_train(batches)
+        with torch.no_grad():
+            outputs = model(inputs)
+        self.assertAlmostEqual(loss, nn.functional.cross_entropy(outputs, labels).item(),
+                               places=5)
+        self.assertAlmostEqual(acc, 100 * (outputs.argmax(1) == labels).sum().item() / 9)
+
+    def test_resume_gives_the_same_result(self):
+        code, _, err = self.train('--save-every', 0, out=self.dir / 'a' / 'weight.pth')
+        self.assertEqual(code, 0, err)
+        # Ctrl-C in the second epoch, then --resume.
+        calls = []
+        real_train = train.Trainer.epoch_train
+
+        def interrupted(trainer, loader):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return real_train(trainer, loader)
+
+        b = self.dir / 'b' / 'weight.pth'
+        with mock.patch.object(train.Trainer, 'epoch_train', interrupted):
+            code, _, err = self.train('--save-every', 0, out=b)
+        self.assertEqual(code, 130)
+        self.assertIn('--resume', err)
+        self.assertTrue(b.is_file())  # the best weights so far are kept
+        code, out, err = self.train('--save-every', 0, '--resume', out=b)
+        self.assertEqual(code, 0, err)
+        self.assertIn('resuming from epoch 1', out)
+        done_a = torch.load(self.dir / 'a' / 'weight.ckpt', weights_only=True)
+        done_b = torch.load(b.with_suffix('.ckpt'), weights_only=True)
+        for k, v in done_a['model'].items():
+            self.assertTrue(torch.allclose(v.float(), done_b['model'][k].float(), atol=1e-6), k)
+        self.assertEqual(done_a['history'][-1]['valid_acc'], done_b['history'][-1]['valid_acc'])
+
+    def test_unreadable_checkpoint_or_metadata_stops_and_keeps_the_weights(self):
+        code, _, err = self.train('--epochs', 1)
+        self.assertEqual(code, 0, err)
+        ckpt, meta = self.out.with_suffix('.ckpt'), self.out.with_suffix('.json')
+        weights = self.out.read_bytes()
+        good_ckpt = ckpt.read_bytes()
+        code, out, err = self.train('--epochs', 1, '--resume')
+        self.assertEqual(code, 0, err)
+        self.assertIn('already finished (epoch 1 of 1)', out)
+        code, _, err = self.train('--resume')  # 2 epochs: not the run the checkpoint is from
+        self.assertEqual((code, err.count('\n')), (2, 1), err)
+        self.assertIn('another run (--epochs 1 --batch-size 16 --model resnet18 --small-input',
+                      err)
+        # A truncated checkpoint, and one that is a readable file of something else.
+        for bad in (good_ckpt[:2000], None):
+            if bad is None:
+                torch.save({'model': {}}, ckpt)
+            else:
+                ckpt.write_bytes(bad)
+            code, out, err = self.train('--resume')
+            self.assertEqual((code, err.count('\n')), (2, 1), err)
+            self.assertIn('not a readable checkpoint', err)
+            self.assertNotIn('decoding', out)  # it fails before reading the data
+            self.assertEqual(self.out.read_bytes(), weights)
+        # Weights whose .json is gone: what they are is unknown, so they are not touched.
+        ckpt.write_bytes(good_ckpt)
+        meta.unlink()
+        code, _, err = self.train()
+        self.assertEqual((code, err.count('\n')), (2, 1), err)
+        self.assertIn('missing or unreadable', err)
+        self.assertEqual(self.out.read_bytes(), weights)
+
+    def test_sgd_is_fused_on_cuda_and_resume_keeps_the_devices_choice(self):
+        model = nn.Linear(3, 2)
+        on_cpu = train.build_optimizer(model, 0.1, torch.device('cpu'))
+        self.assertIsNone(on_cpu.defaults['fused'])  # PyTorch's default (foreach on CUDA)
+        self.assertTrue(train.build_optimizer(model, 0.1, torch.device('cuda')).defaults['fused'])
+        self.assertEqual({k: on_cpu.defaults[k] for k in ('momentum', 'nesterov', 'weight_decay')},
+                         {'momentum': config.MOMENTUM, 'nesterov': True,
+                          'weight_decay': config.WEIGHT_DECAY})
+        # A checkpoint written on CUDA (fused), resumed on the CPU: its momentum, the CPU's SGD.
+        model(torch.randn(4, 3)).sum().backward()
+        on_cpu.step()
+        state = on_cpu.state_dict()
+        state['param_groups'][0]['fused'] = True
+        resumed = train.build_optimizer(model, 0.1, torch.device('cpu'))
+        saving.load_optimizer_state(resumed, copy.deepcopy(state))
+        self.assertIsNone(resumed.param_groups[0]['fused'])
+        self.assertTrue(torch.equal(resumed.state[model.weight]['momentum_buffer'],
+                                    on_cpu.state[model.weight]['momentum_buffer']))
+        plain = train.build_optimizer(model, 0.1, torch.device('cpu'))
+        plain.load_state_dict(copy.deepcopy(state))
+        self.assertTrue(plain.param_groups[0]['fused'])  # what the helper undoes
+
+    def test_nan_loss_stops_and_keeps_weights(self):
+        results = iter([None, (float('nan'), 0.0)])
+        real_train = train.Trainer.epoch_train
+
+        def nan_in_epoch_2(trainer, loader):
+            r = next(results)
+            return real_train(trainer, loader) if r is None else r
+
+        with mock.patch.object(train.Trainer, 'epoch_train', nan_in_epoch_2):
+            code, _, err = self.train()
+        self.assertEqual(code, 1)
+        self.assertIn('lower --lr', err)
+        self.assertEqual(json.loads(self.out.with_suffix('.json').read_text())['best_epoch'], 1)
+        ResNet18(3, small_input=True).load_state_dict(torch.load(self.out, weights_only=True))
+
+    def test_eval_round_trip_and_bad_weight_files(self):
+        code, _, err = self.train()
+        self.assertEqual(code, 0, err)
+        best = json.loads(self.out.with_suffix('.json').read_text())['best_acc']
+        code, out, err = run_main('--eval', self.out, '--data', self.data, '--device', 'cpu',
+                                  '--workers', 1)
+        self.assertEqual(code, 0, err)
+        self.assertIn(f'test accuracy {best:.2f}%', out)
+        self.assertIn('per-class accuracy', out)
+        # The loss is the one the training log printed for that epoch (label smoothing too).
+        meta = json.loads(self.out.with_suffix('.json').read_text())
+        with open(self.out.with_suffix('.csv')) as f:
+            logged = next(float(row['valid_loss']) for row in csv.DictReader(f)
+                          if int(row['epoch']) == meta['best_epoch'])
+        printed = float(re.search(r'loss (\d+\.\d+)\)', out).group(1))
+        self.assertAlmostEqual(printed, logged, delta=0.0006)
+
+        code, _, err = run_main('--eval', self.dir / 'missing.pth', '--data', self.data)
+        self.assertEqual((code, err.count('\n')), (2, 1))
+        self.assertIn('no weight file', err)
+
+        corrupt = self.dir / 'corrupt.pth'
+        corrupt.write_bytes(self.out.read_bytes()[:1000])
+        code, _, err = run_main('--eval', corrupt, '--data', self.data)
+        self.assertEqual((code, err.count('\n')), (2, 1))
+        self.assertIn('not a readable weight file', err)
+
+        other = self.dir / 'other.pth'
+        torch.save(ResNet34(3).state_dict(), other)  # no .json: --model resnet18 assumed
+        code, _, err = run_main('--eval', other, '--data', self.data, '--image-size', 8)
+        self.assertEqual((code, err.count('\n')), (2, 1))
+        self.assertIn('does not fit resnet18', err)
+
+    def test_atomic_save_keeps_the_old_file(self):
+        path = self.dir / 'w.pth'
+        saving.save_torch({'a': torch.ones(3)}, path)
+
+        def broken_save(obj, f):
+            f.write(b'half a file')
+            raise OSError('disk full')
+
+        with mock.patch.object(torch, 'save', broken_save):
+            with self.assertRaises(OSError):
+                saving.save_torch({'a': torch.zeros(3)}, path)
+        self.assertTrue(torch.equal(torch.load(path, weights_only=True)['a'], torch.ones(3)))
+        self.assertEqual([p.name for p in self.dir.iterdir()], ['w.pth'])
+
+    def test_plot_is_optional(self):
+        history = [{'epoch': e, 'train_loss': 1 / e, 'train_acc': 50 + e, 'valid_loss': 1 / e,
+                    'valid_acc': 40 + e} for e in (1, 2, 3)]
+        with mock.patch.dict(sys.modules, {'matplotlib': None}):  # not installed
+            saving.save_plot(history, self.dir / 'none.png')
+        self.assertFalse((self.dir / 'none.png').exists())
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            self.skipTest('matplotlib is not installed')
+        saving.save_plot(history, self.dir / 'plot.png')
+        self.assertEqual((self.dir / 'plot.png').read_bytes()[:8], b'\x89PNG\r\n\x1a\n')
+
+    def test_better_weights_are_not_replaced(self):
+        code, _, err = self.train()
+        self.assertEqual(code, 0, err)
+        meta_path = self.out.with_suffix('.json')
+        meta = json.loads(meta_path.read_text())
+        meta['best_acc'] = 100.0
+        meta_path.write_text(json.dumps(meta))
+        before = self.out.read_bytes()
+        code, out, err = self.train()
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.out.read_bytes(), before)
+        self.assertIn('kept', out.splitlines()[-1])
+        # Weights of another setup are not compared; the run refuses to touch them.
+        code, _, err = self.train('--model', 'resnet34')
+        self.assertEqual((code, err.count('\n')), (2, 1))
+        self.assertEqual(self.out.read_bytes(), before)
+
+    def test_lr_schedule_warms_up_then_decays_to_zero(self):
+        # The article used a constant lr of 0.001.
+        f = train.warmup_linear(100, 0.2)
+        self.assertAlmostEqual(f(0), 1 / 20)
+        self.assertAlmostEqual(f(19), 1.0)
+        self.assertAlmostEqual(f(60), 0.5)
+        self.assertAlmostEqual(f(100), 0.0)
+        self.assertEqual(max(f(s) for s in range(100)), 1.0)
+
+
+class TrainInputTest(unittest.TestCase):
+    """Bad arguments and bad data: one sentence, exit code 2, no traceback."""
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.root = Path(self.tmp.name)
+        # No test downloads: a test that reached CIFAR-10's download by mistake fails here.
+        no_download = mock.patch.object(torchvision.datasets.CIFAR10, 'download',
+                                        side_effect=AssertionError('a test tried to download'))
+        no_download.start()
+        self.addCleanup(no_download.stop)
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def assertFails(self, argv, text):
+        code, _, err = run_main('--out', self.root / 'w.pth', '--device', 'cpu', '--workers', 1,
+                                '--data-root', self.root, *argv)
+        self.assertEqual(code, 2, err)
+        self.assertIn(text, err)
+        self.assertNotIn('Traceback', err)
+        self.assertFalse((self.root / 'w.pth').exists())
+
+    def test_bad_numbers(self):
+        for flag in ('--epochs', '--batch-size', '--lr'):
+            for value in ('0', '-1'):
+                self.assertFails([flag, value], 'must be positive')
+        self.assertFails(['--epochs', 'ten'], 'not a number')
+
+    def test_contradicting_options(self):
+        self.assertFails(['--graph-whole-step', '--no-cuda-graphs'], 'pick one')
+
+    def test_image_too_small_for_alexnet(self):
+        self.assertFails(['--model', 'alexnet', '--image-size', '32'], 'at least 67 px')
+
+    def test_missing_and_empty_data_folders(self):
+        self.assertFails(['--data', self.root / 'nowhere'], 'does not exist')
+        self.assertFails(['--data', self.root], 'needs a train/')
+        (self.root / 'train').mkdir()
+        (self.root / 'test').mkdir()
+        self.assertFails(['--data', self.root], 'no class folders')
+        (self.root / 'train' / 'cat').mkdir()
+        (self.root / 'test' / 'cat').mkdir()
+        self.assertFails(['--data', self.root], 'holds no images')
+        Image.new('RGB', (8, 8)).save(self.root / 'train' / 'cat' / 'a.png')
+        Image.new('RGB', (8, 8)).save(self.root / 'test' / 'cat' / 'a.png')
+        (self.root / 'train' / 'dog').mkdir()
+        (self.root / 'test' / 'dog').mkdir()
+        self.assertFails(['--data', self.root], f"{Path(self.root, 'train', 'dog')} holds no")
+
+    def test_class_sets_differ(self):
+        data = make_colour_folder(self.root / 'd', n_train=1, n_test=1)
+        os.rename(data / 'test', data / 'val')  # no test/: val/ is used instead
+        os.rename(data / 'val' / 'red', data / 'val' / 'orange')
+        self.assertFails(['--data', data], "only in train: ['red'], only in test: ['orange']")
+
+    def test_unreadable_image_is_named(self):
+        data = make_colour_folder(self.root / 'd', n_train=1, n_test=1)
+        (data / 'train' / 'red' / 'broken.png').write_bytes(b'not a png')
+        self.assertFails(['--data', data], 'broken.png is not a readable image')
+
+    def test_cifar10_path_trains(self):
+        # The default data path, on a miniature CIFAR-10 in torchvision's format (the real one
+        # is downloaded; its checksums cannot match this one, so that check is skipped).
+        import pickle
+        folder = self.root / 'cifar-10-batches-py'
+        folder.mkdir()
+        g = torch.Generator().manual_seed(0)
+        for name in [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']:
+            labels = [i % 10 for i in range(10)]
+            data = torch.randint(0, 256, (10, 3072), generator=g, dtype=torch.uint8).numpy()
+            with open(folder / name, 'wb') as f:
+                pickle.dump({'data': data, 'labels': labels}, f)
+        with open(folder / 'batches.meta', 'wb') as f:
+            pickle.dump({'label_names': [f'class{i}' for i in range(10)]}, f)
+        with mock.patch('torchvision.datasets.cifar.check_integrity', return_value=True), \
+                mock.patch.object(torchvision.datasets.CIFAR10, 'download'):
+            code, out, err = run_main('--data-root', self.root, '--epochs', 1, '--batch-size', 25,
+                                      '--out', self.root / 'w.pth', '--device', 'cpu')
+        self.assertEqual(code, 0, err)
+        self.assertIn('50 train and 10 test images, 10 classes', out)
+        self.assertEqual(json.loads((self.root / 'w.json').read_text())['data'], 'cifar10')
+
+    def test_offline_download_says_what_to_do(self):
+        offline = urllib.error.URLError('network is unreachable')
+        with mock.patch.object(torchvision.datasets.CIFAR10, 'download', side_effect=offline):
+            self.assertFails([], 'cifar-10-python.tar.gz')
+
+    @unittest.skipIf(torch.cuda.is_available(), 'this machine has a CUDA GPU')
+    def test_cuda_asked_for_but_missing(self):
+        self.assertFails(['--device', 'cuda'], 'sees no CUDA GPU')
+
+    def test_resume_without_checkpoint(self):
+        self.assertFails(['--resume'], 'nothing to resume')
