@@ -86,13 +86,20 @@ class Resident:
         return (self.batch for _ in range(self.steps))
 
 
-def measure(name, image_size, batch_size, device, amp, steps, repeats, launch='eager', warmup=1):
+def measure(name, image_size, batch_size, device, precision, steps, repeats, launch='eager',
+            warmup=1):
     """Raw step, Trainer epoch and eval img/s for one configuration (medians of repeats)."""
     torch.manual_seed(0)
     mf = speed.memory_format(device)
-    model = speed.prepare_model(build(name), device)  # as train.py prepares it
+    model = build(name)
+    if launch == 'no-route':  # the CPU without speed.py's one-pixel conv route
+        model = model.to(device, memory_format=mf)
+    else:
+        model = speed.prepare_model(model, device)  # as train.py prepares it
     optimizer = train.build_optimizer(model, 0.01, device)  # train.py's own
-    trainer = train.Trainer(model, optimizer, train.build_criterion(), device, amp=amp)
+    amp_dtype = speed.choose_precision(precision, device)
+    trainer = train.Trainer(model, optimizer, train.build_criterion(), device,
+                            amp_dtype=amp_dtype)
     trainer.progress = False
 
     # A synthetic data set of CIFAR's shape (32 px uint8), fed at image_size as train.py does.
@@ -101,13 +108,13 @@ def measure(name, image_size, batch_size, device, amp, steps, repeats, launch='e
     labels = torch.randint(0, 10, (n,))
     mean, std = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
     loader = data.TensorLoader(images, labels, batch_size, mean, std, image_size, train=True,
-                                memory_format=mf)
-    valid = data.TensorLoader(images, labels, batch_size, mean, std, image_size, train=False,
                                memory_format=mf)
+    valid = data.TensorLoader(images, labels, batch_size, mean, std, image_size, train=False,
+                              memory_format=mf)
     inputs, targets = next(iter(loader))
     resident = Resident(inputs, targets, steps)
     if launch == 'graph':  # as train.py --no-graph-whole-step does on CUDA
-        speed.graph_model(model, inputs, trainer.amp_dtype)
+        speed.graph_model(model, inputs, amp_dtype)
     elif launch == 'whole':  # as train.py does on CUDA (its default)
         trainer.graphed_step = speed.GraphedStep(trainer, inputs, targets)
 
@@ -128,16 +135,11 @@ def measure(name, image_size, batch_size, device, amp, steps, repeats, launch='e
         epoch.append(rate(lambda: trainer.epoch_train(loader), n))
         evals.append(rate(lambda: trainer.epoch_valid(valid), n))
     step_rate, epoch_rate = statistics.median(raw), statistics.median(epoch)
-    return {'model': name, 'device': device.type, 'precision': precision(device, amp),
+    return {'model': name, 'device': device.type, 'precision': speed.precision_name(amp_dtype),
             'launch': launch, 'batch': batch_size, 'px': image_size,
             'step_img_s': round(step_rate, 1),
             'epoch_img_s': round(epoch_rate, 1), 'efficiency': round(epoch_rate / step_rate, 3),
             'eval_img_s': round(statistics.median(evals), 1)}
-
-
-def precision(device, amp):
-    dtype = speed.amp_dtype(device) if amp else None
-    return {None: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[dtype]
 
 
 def data_path_rates(device, count, batch_size=128):
@@ -155,8 +157,8 @@ def data_path_rates(device, count, batch_size=128):
     images = arrays.permute(0, 3, 1, 2).contiguous().to(device)
     for px in (224, 32):
         loader = data.TensorLoader(images, torch.zeros(count, dtype=torch.long), batch_size,
-                                    [0.5] * 3, [0.25] * 3, px, train=True,
-                                    memory_format=speed.memory_format(device))
+                                   [0.5] * 3, [0.25] * 3, px, train=True,
+                                   memory_format=speed.memory_format(device))
         for _ in loader:  # warm-up
             pass
         sync(device)
@@ -180,26 +182,33 @@ def device_name(device):
 
 
 def configs(device, quick):
-    """(model, px, batch, amp, launch) rows for this device. launch: 'eager' (one launch a
-    kernel), 'graph' (the model's CUDA graphs, train.py --no-graph-whole-step) or 'whole' (the
-    whole step as one CUDA graph, train.py's default on CUDA)."""
+    """(model, px, batch, precision, launch) rows for this device. launch: 'eager' (one launch
+    a kernel), 'graph' (the model's CUDA graphs, train.py --no-graph-whole-step), 'whole' (the
+    whole step as one CUDA graph, train.py's default on CUDA) or, on the CPU, 'no-route' (eager
+    without speed.py's one-pixel conv route)."""
     if quick:
-        return [('resnet18', 16, 8, True, 'eager'), ('resnet18-small', 16, 8, True, 'eager'),
-                ('alexnet', 67, 8, True, 'eager'), ('resnet18-article', 16, 8, True, 'eager')]
+        return [('resnet18', 16, 8, 'auto', 'eager'), ('resnet18-small', 16, 8, 'auto', 'eager'),
+                ('alexnet', 67, 8, 'auto', 'eager'), ('resnet18-article', 16, 8, 'auto', 'eager')]
     if device.type == 'cuda':  # both of train.py's graph launches, and eager to compare
-        rows = [('resnet18', 32, 512, True, 'graph'), ('resnet18', 32, 512, True, 'whole'),
-                ('resnet18', 32, 512, True, 'eager'), ('resnet18', 32, 512, False, 'graph'),
-                ('resnet18', 32, 512, False, 'whole'), ('resnet18', 32, 512, False, 'eager'),
-                ('resnet18-small', 32, 512, True, 'graph'), ('alexnet', 227, 128, True, 'eager'),
-                ('resnet18', 224, 128, True, 'graph'), ('resnet18', 224, 128, False, 'eager'),
-                ('resnet18-article', 224, 128, False, 'eager')]
+        rows = [('resnet18', 32, 512, 'auto', 'graph'), ('resnet18', 32, 512, 'auto', 'whole'),
+                ('resnet18', 32, 512, 'auto', 'eager'), ('resnet18', 32, 512, 'fp32', 'graph'),
+                ('resnet18', 32, 512, 'fp32', 'whole'), ('resnet18', 32, 512, 'fp32', 'eager'),
+                ('resnet18-small', 32, 512, 'auto', 'graph'),
+                ('alexnet', 227, 128, 'auto', 'eager'), ('resnet18', 224, 128, 'auto', 'graph'),
+                ('resnet18', 224, 128, 'fp32', 'eager'),
+                ('resnet18-article', 224, 128, 'fp32', 'eager')]
         # A GPU with fp16 and no bf16: train.py graphs the model alone there, so there is no
         # fp16 'whole' row to time.
-        return [r for r in rows if r[4] != 'whole'
-                or speed.can_graph_whole_step(speed.amp_dtype(device) if r[3] else None)]
-    return [('resnet18', 32, 512, True, 'eager'), ('resnet18-small', 32, 128, True, 'eager'),
-            ('alexnet', 67, 128, True, 'eager'), ('resnet18-article', 32, 128, True, 'eager'),
-            ('resnet18', 32, 128, True, 'eager')]
+        return [r for r in rows if r[4] != 'whole' or speed.can_graph_whole_step(
+            speed.choose_precision(r[3], device))]
+    rows = [('resnet18', 32, 512, 'fp32', 'eager'), ('resnet18', 32, 512, 'fp32', 'no-route'),
+            ('resnet18', 32, 512, 'bf16', 'eager'), ('resnet18', 32, 512, 'bf16', 'no-route'),
+            ('resnet18-small', 32, 128, 'fp32', 'eager'),
+            ('resnet18-small', 32, 128, 'bf16', 'eager'), ('alexnet', 67, 128, 'fp32', 'eager'),
+            ('alexnet', 67, 128, 'bf16', 'eager'), ('resnet18-article', 32, 128, 'fp32', 'eager'),
+            ('resnet18', 32, 128, 'fp32', 'eager')]
+    # bf16 rows where train.py would pick bf16 (--precision auto), that is, on a CPU that has it.
+    return [r for r in rows if r[3] != 'bf16' or speed.choose_precision('auto', device)]
 
 
 def main(argv=None):
@@ -228,33 +237,47 @@ def main(argv=None):
     name = device_name(device)
     print(f'device: {name}; torch {torch.__version__}; {torch.get_num_threads()} CPU threads; '
           f'{steps} steps a repeat, median of {repeats}', flush=True)
-    print(f'{"model":<17}{"prec":<6}{"launch":<7}{"batch":>6}{"px":>5}{"step img/s":>12}'
-          f'{"epoch img/s":>13}'
-          f'{"efficiency":>12}{"eval img/s":>12}')
+    results, failed = run_rows(configs(device, args.quick), device, steps, repeats, args)
+    rates = data_path_rates(device, 256 if args.quick else 4096)
+    print(f'data path alone: the article\'s PIL Resize(224) + ToTensor '
+          f'{rates["pil_224_img_s"]:,.0f} img/s (one process); TensorLoader '
+          f'{rates["tensor_224_img_s"]:,.0f} img/s at 224 px, {rates["tensor_32_img_s"]:,.0f} '
+          f'img/s at 32 px ({device.type})')
+    print_article_gap(results)
+    if args.json:
+        saving.save_text(json.dumps({'device': name, 'torch': torch.__version__,
+                                     'threads': torch.get_num_threads(), 'steps': steps,
+                                     'repeats': repeats, 'results': results,
+                                     'data_path': rates, 'failed': failed}, indent=1), args.json)
+    return 1 if failed else 0
+
+
+def run_rows(rows, device, steps, repeats, args):
+    """Measure and print each row; a failed row (out of memory, say) leaves the others."""
+    print(f'{"model":<17}{"prec":<6}{"launch":<9}{"batch":>6}{"px":>5}{"step img/s":>12}'
+          f'{"epoch img/s":>13}{"efficiency":>12}{"eval img/s":>12}')
     results, failed = [], []
-    for model, px, batch, amp, launch in configs(device, args.quick):
+    for model, px, batch, precision, launch in rows:
         # On CUDA the article's network runs ~10x slower: a fifth of the steps still takes seconds.
         fewer = model == 'resnet18-article' and device.type == 'cuda' and not args.steps
-        n_steps = steps // 5 if fewer else steps
-        row = f'{model:<17}{precision(device, amp):<6}{launch:<7}{batch:>6}{px:>5}'
+        row = (f'{model:<17}{speed.precision_name(speed.choose_precision(precision, device)):<6}'
+               f'{launch:<9}{batch:>6}{px:>5}')
         try:
-            r = measure(model, px, batch, device, amp, n_steps, repeats, launch,
-                        warmup=0 if args.quick else 1)
-        except RuntimeError as e:  # one failed row (out of memory, say) still leaves the others
+            r = measure(model, px, batch, device, precision, steps // 5 if fewer else steps,
+                        repeats, launch, warmup=0 if args.quick else 1)
+        except RuntimeError as e:
             failed.append(model)
             print(f'{row}  failed: {str(e).splitlines()[0][:200]}', flush=True)
             continue
         results.append(r)
         print(f'{row}{r["step_img_s"]:>12,.0f}{r["epoch_img_s"]:>13,.0f}'
               f'{r["efficiency"]:>12.3f}{r["eval_img_s"]:>12,.0f}', flush=True)
+    return results, failed
 
-    data = data_path_rates(device, 256 if args.quick else 4096)
-    print(f'data path alone: the article\'s PIL Resize(224) + ToTensor '
-          f'{data["pil_224_img_s"]:,.0f} img/s (one process); TensorLoader '
-          f'{data["tensor_224_img_s"]:,.0f} img/s at 224 px, {data["tensor_32_img_s"]:,.0f} '
-          f'img/s at 32 px ({device.type})')
-    article = [r for r in results if r['model'] == 'resnet18-article']
-    for a in article:
+
+def print_article_gap(results):
+    """How much slower the article's ResNet18 steps than the fixed one, wherever both ran."""
+    for a in (r for r in results if r['model'] == 'resnet18-article'):
         fixed = next((r for r in results if r['model'] == 'resnet18' and r['px'] == a['px']
                       and r['batch'] == a['batch'] and r['precision'] == a['precision']
                       and r['launch'] == a['launch']), None)
@@ -262,12 +285,6 @@ def main(argv=None):
             print(f'the article\'s ResNet18 as written: {a["step_img_s"]:,.0f} img/s against '
                   f'{fixed["step_img_s"]:,.0f} fixed ({fixed["step_img_s"] / a["step_img_s"]:.1f}x '
                   f'slower; {a["precision"]}, {a["px"]} px, batch {a["batch"]})')
-    if args.json:
-        saving.save_text(json.dumps({'device': name, 'torch': torch.__version__,
-                                    'threads': torch.get_num_threads(), 'steps': steps,
-                                    'repeats': repeats, 'results': results,
-                                    'data_path': data, 'failed': failed}, indent=1), args.json)
-    return 1 if failed else 0
 
 
 if __name__ == '__main__':

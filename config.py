@@ -29,6 +29,7 @@ EVAL_BATCH_SIZE = 1024        # images per step when evaluating
 
 # Run
 DEVICE = 'auto'               # auto picks cuda, then mps, then cpu
+PRECISION = 'auto'            # auto | bf16 | fp16 | fp32; auto: bf16 where the chip has it
 CUDA_GRAPHS = True            # on CUDA, replay each ResNet training step as CUDA graphs
 GRAPH_WHOLE_STEP = True       # on CUDA, graph the whole step (with loss and SGD), not the model
 SEED = 0                      # seeds the weights, the shuffling and the augmentation

@@ -22,6 +22,7 @@ CIFAR10_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
 # The file types of torchvision's ImageFolder, listed here so that an image folder is read
 # without importing torchvision (about 3 s of start-up on 2 CPU cores).
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+MEMORY_HEADROOM = 2**30  # bytes of RAM (and GPU memory) kept for the model beside the images
 
 
 class UsageError(Exception):
@@ -85,8 +86,9 @@ def _decode(job):
 
 def decode_images(files, size, workers, chunk=500):
     """Decode files in parallel into one (N, 3, size, size) uint8 tensor. Each worker decodes
-    `chunk` files into one array, so the main process copies a few arrays, not one per image."""
-    out = torch.empty((len(files), size, size, 3), dtype=torch.uint8)
+    `chunk` files into one array, so the main process copies a few arrays, not one per image,
+    straight into their place in the one tensor."""
+    out = torch.empty((len(files), 3, size, size), dtype=torch.uint8)
     jobs = [(files[i:i + chunk], size) for i in range(0, len(files), chunk)]
     with contextlib.ExitStack() as stack:
         if workers > 1 and len(jobs) > 1:
@@ -97,12 +99,13 @@ def decode_images(files, size, workers, chunk=500):
         for i, arr in zip(range(0, len(files), chunk), decoded):
             if isinstance(arr, str):
                 raise UsageError(f'{arr}; remove or replace it')
-            out[i:i + len(arr)] = torch.from_numpy(arr)
-    return out.permute(0, 3, 1, 2).contiguous()
+            out[i:i + len(arr)] = torch.from_numpy(arr).permute(0, 3, 1, 2)  # (n, H, W, C)
+    return out
 
 
-def load_image_folder(root, image_size, workers=0, need_train=True):
-    """An ImageFolder tree: root/train/<class>/* and root/test/<class>/* (or root/val)."""
+def load_image_folder(root, image_size, workers=0, need_train=True, device=None):
+    """An ImageFolder tree: root/train/<class>/* and root/test/<class>/* (or root/val), to
+    be held on `device` (checked to fit before decoding)."""
     root = Path(root)
     if not root.is_dir():
         raise UsageError(f'data folder {root} does not exist')
@@ -138,15 +141,53 @@ def load_image_folder(root, image_size, workers=0, need_train=True):
         raise UsageError(f'{train_files[0]} is not a readable image ({type(e).__name__}); '
                          f'remove or replace it') from None
     size = w if w == h and w <= image_size else image_size
+    n_images = len(train_files) * need_train + len(test_files)
+    check_memory(n_images, size, device)
 
     workers = workers or os.cpu_count() or 1
-    print(f'decoding {len(train_files) * need_train + len(test_files):,} images '
-          f'from {root} ({workers} processes)...', flush=True)
+    print(f'decoding {n_images:,} images from {root} ({workers} processes)...', flush=True)
     # One pool (one start of `workers` processes) for both splits.
     images = decode_images((train_files if need_train else []) + test_files, size, workers)
     train_x = images[:len(train_files)] if need_train else None
     test_x = images[len(images) - len(test_files):]
     return train_x, torch.tensor(train_labels), test_x, torch.tensor(test_labels), classes
+
+
+def check_memory(n_images, size, device=None, headroom=MEMORY_HEADROOM):
+    """Stop, before decoding, when the images held as one uint8 tensor would not fit: in the
+    RAM they are decoded into and, on CUDA, in the GPU memory they are copied to. `headroom`
+    bytes are left over for the model and its activations."""
+    needed = n_images * 3 * size * size
+    free = [('RAM', available_ram())]
+    if device is not None and device.type == 'cuda':
+        free.append(('GPU memory', torch.cuda.mem_get_info(device)[0]))
+    for where, available in free:
+        if available is not None and needed + headroom > available:
+            raise UsageError(
+                f'the {n_images:,} images, held at {size}x{size} px, need {needed / 2**30:.1f} GiB '
+                f'of {where}, and {available / 2**30:.1f} GiB is free (of which '
+                f'{headroom / 2**30:.0f} GiB stays for the model); pass a smaller --image-size, '
+                f'or train on fewer images')
+
+
+def available_ram():
+    """Bytes of RAM this process can still take, on Linux (the least of what the system and
+    its container allow); None elsewhere."""
+    limits = []
+    try:
+        with open('/proc/meminfo') as f:
+            info = dict(line.split(':', 1) for line in f)
+        limits.append(int(info['MemAvailable'].split()[0]) * 1024)  # in kB
+    except (OSError, KeyError, ValueError):
+        return None
+    for limit, usage in (('memory.max', 'memory.current'),  # cgroup v2, then v1
+                         ('memory/memory.limit_in_bytes', 'memory/memory.usage_in_bytes')):
+        try:
+            with open(f'/sys/fs/cgroup/{limit}') as f1, open(f'/sys/fs/cgroup/{usage}') as f2:
+                limits.append(int(f1.read()) - int(f2.read()))
+        except (OSError, ValueError):  # no such cgroup, or 'max' (no limit)
+            pass
+    return min(limits)
 
 
 def channel_stats(images, chunk=4096):

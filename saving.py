@@ -15,6 +15,7 @@ import torch
 
 from data import UsageError
 
+
 def atomic_write(path, write):
     """Call write(f) on a temporary file beside path, then rename it over path."""
     path = Path(path)
@@ -186,11 +187,13 @@ def load_optimizer_state(optimizer, state):
 
 def resume(trainer, ckpt, args, files):
     """Load an interrupted run's checkpoint into trainer; return its history and next epoch."""
+    precision = ckpt.get('precision', files.info['precision'])  # older checkpoints lack it
     if ckpt['setup'] != files.setup or ckpt['epochs'] != args.epochs \
-            or ckpt['batch_size'] != args.batch_size:
+            or ckpt['batch_size'] != args.batch_size or precision != files.info['precision']:
         was = ckpt['setup']
         raise UsageError(f'{files.ckpt} is from another run (--epochs {ckpt["epochs"]} '
-                         f'--batch-size {ckpt["batch_size"]} --model {was["model"]}'
+                         f'--batch-size {ckpt["batch_size"]} --precision {precision} '
+                         f'--model {was["model"]}'
                          f'{" --small-input" if was["small_input"] else ""} --image-size '
                          f'{was["image_size"]}); resume it with the same arguments')
     trainer.model.load_state_dict(ckpt['model'])
@@ -205,9 +208,10 @@ def resume(trainer, ckpt, args, files):
     return ckpt['history'], ckpt['epoch'] + 1
 
 
-def checkpoint(trainer, epoch, args, setup, history):
+def checkpoint(trainer, epoch, args, files, history):
     """What --resume needs to go on after `epoch` as if the run had never stopped."""
     return {'model': trainer.model.state_dict(), 'optimizer': trainer.optimizer.state_dict(),
             'scheduler': trainer.scheduler.state_dict(), 'scaler': trainer.scaler.state_dict(),
             'rng': torch.get_rng_state(), 'epoch': epoch, 'epochs': args.epochs,
-            'batch_size': args.batch_size, 'setup': setup, 'history': history}
+            'batch_size': args.batch_size, 'precision': files.info['precision'],
+            'setup': files.setup, 'history': history}

@@ -62,7 +62,7 @@ class BenchmarkTest(unittest.TestCase):
                 super().__init__(trainer, inputs, targets)
 
         with mock.patch.object(speed, 'GraphedStep', Made):
-            r = benchmark.measure('resnet18', 16, 4, torch.device('cpu'), True, 2, 1, 'whole',
+            r = benchmark.measure('resnet18', 16, 4, torch.device('cpu'), 'fp32', 2, 1, 'whole',
                                   warmup=0)
         self.assertEqual(made, [(4, 3, 16, 16)])
         self.assertEqual((r['launch'], r['precision']), ('whole', 'fp32'))
@@ -73,11 +73,22 @@ class BenchmarkTest(unittest.TestCase):
         # there, so the benchmark has no fp16 'whole' row (only the fp32 one).
         import benchmark
         cuda = torch.device('cuda')
-        for amp, whole in ((torch.bfloat16, [True, False]), (torch.float16, [False])):
-            with mock.patch.object(speed, 'amp_dtype', return_value=amp):
+        for native_bf16, whole in ((True, ['auto', 'fp32']), (False, ['fp32'])):
+            with mock.patch.object(speed, 'cuda_has_native_bf16', return_value=native_bf16):
                 rows = benchmark.configs(cuda, quick=False)
-            self.assertEqual([r[3] for r in rows if r[4] == 'whole'], whole, amp)
-            self.assertIn(('resnet18', 32, 512, True, 'graph'), rows)
+            self.assertEqual([r[3] for r in rows if r[4] == 'whole'], whole, native_bf16)
+            self.assertIn(('resnet18', 32, 512, 'auto', 'graph'), rows)
+
+    def test_cpu_rows_have_bf16_where_the_cpu_has_it(self):
+        # bf16 rows where train.py's auto would pick bf16, and the one-pixel route timed
+        # against no route in each precision.
+        import benchmark
+        cpu = torch.device('cpu')
+        for native_bf16, precisions in ((True, {'fp32', 'bf16'}), (False, {'fp32'})):
+            with mock.patch.object(speed, 'cpu_has_native_bf16', return_value=native_bf16):
+                rows = benchmark.configs(cpu, quick=False)
+            self.assertEqual({r[3] for r in rows}, precisions)
+            self.assertEqual({r[3] for r in rows if r[4] == 'no-route'}, precisions)
 
     def test_article_specimen_has_the_article_bugs(self):
         # The specimen the benchmark times is the article's network: 3 blocks a stage, no

@@ -3,6 +3,7 @@ replaces the article's per-image PIL transforms."""
 import tempfile
 import unittest
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn as nn
@@ -46,13 +47,31 @@ class DataPathTest(unittest.TestCase):
             with self.assertRaisesRegex(data.UsageError, '5.png is not a readable image'):
                 data.decode_images(files, 4, workers=2, chunk=3)
 
+    def test_memory_check(self):
+        # ImageNet-1k at 224 px would need 193 GB: stop with what is needed and what is free.
+        gib = 2**30
+        with mock.patch.object(data, 'available_ram', return_value=64 * gib):
+            data.check_memory(50_000, 32, torch.device('cpu'))  # CIFAR-10: 0.1 GiB
+            with self.assertRaisesRegex(data.UsageError, r'the 1,281,167 images, held at '
+                                        r'224x224 px, need 179.6 GiB of RAM, and 64.0 GiB'):
+                data.check_memory(1_281_167, 224, torch.device('cpu'))
+        # On CUDA the GPU's free memory counts too; where the RAM is unknown (not Linux), only it.
+        cuda = torch.device('cuda')
+        with mock.patch.object(data, 'available_ram', return_value=None), \
+                mock.patch.object(torch.cuda, 'mem_get_info', return_value=(2 * gib, 16 * gib)):
+            data.check_memory(50_000, 32, cuda)
+            with self.assertRaisesRegex(data.UsageError, 'need 1.1 GiB of GPU memory'):
+                data.check_memory(400_000, 32, cuda)
+        ram = data.available_ram()
+        self.assertTrue(ram is None or ram > 0)
+
     def test_batches_are_normalised_and_augmented(self):
         # The article fed raw [0, 1] pixels with no augmentation.
         g = torch.Generator().manual_seed(0)
         images = torch.randint(0, 256, (64, 3, 8, 8), generator=g, dtype=torch.uint8)
         mean, std = data.channel_stats(images)
         loader = data.TensorLoader(images, torch.zeros(64, dtype=torch.long), 64, mean, std, 8,
-                                    train=False)
+                                   train=False)
         x, _ = next(iter(loader))
         for c in range(3):
             self.assertAlmostEqual(x[:, c].mean().item(), 0, places=4)
@@ -70,7 +89,7 @@ class DataPathTest(unittest.TestCase):
     def test_crop_and_flip(self):
         images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
         loader = data.TensorLoader(images, torch.zeros(4, dtype=torch.long), 4, [0] * 3,
-                                    [1] * 3, 8, train=True, padding=4)
+                                   [1] * 3, 8, train=True, padding=4)
         idx = torch.arange(4)
         centre = torch.full((4, 2), 4)
         no, yes = torch.zeros(4, dtype=torch.bool), torch.ones(4, dtype=torch.bool)
@@ -90,7 +109,7 @@ class DataPathTest(unittest.TestCase):
         g = torch.Generator().manual_seed(0)
         images = torch.randint(0, 256, (n, 3, 8, 8), generator=g, dtype=torch.uint8)
         loader = data.TensorLoader(images, torch.arange(n), 4, [0] * 3, [1 / 255] * 3, 8,
-                                    train=True, padding=p)
+                                   train=True, padding=p)
         padded = nn.functional.pad(images.float(), (p, p, p, p), mode='reflect')
         crops = [[padded[i, :, r:r + 8, c:c + 8] for r in range(2 * p + 1)
                   for c in range(2 * p + 1)] for i in range(n)]
@@ -120,8 +139,8 @@ class DataPathTest(unittest.TestCase):
         def kernels(n_batches):
             images = torch.randint(0, 256, (4 * n_batches, 3, 8, 8), dtype=torch.uint8)
             loader = data.TensorLoader(images, torch.zeros(4 * n_batches, dtype=torch.long), 4,
-                                        [0.5] * 3, [0.25] * 3, 8, train=True,
-                                        memory_format=torch.channels_last)
+                                       [0.5] * 3, [0.25] * 3, 8, train=True,
+                                       memory_format=torch.channels_last)
             with CountKernels() as mode:
                 for _ in loader:
                     pass
@@ -131,6 +150,6 @@ class DataPathTest(unittest.TestCase):
     def test_resize_on_the_device(self):
         images = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
         loader = data.TensorLoader(images, torch.zeros(5, dtype=torch.long), 2, [0.5] * 3,
-                                    [0.25] * 3, 20, train=False)
+                                   [0.25] * 3, 20, train=False)
         self.assertEqual([tuple(x.shape) for x, _ in loader],
                          [(2, 3, 20, 20), (2, 3, 20, 20), (1, 3, 20, 20)])

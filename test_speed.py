@@ -1,8 +1,11 @@
 """Tests for speed.py: the CPU's one-pixel conv route, the CUDA graphs (their logic, on the CPU)
 and the precision choice. Each trick must compute what the plain code computes.
 """
-import math
+import contextlib
+import tempfile
+import types
 import unittest
+from pathlib import Path
 from unittest import mock
 
 import torch
@@ -139,8 +142,85 @@ class SpeedTest(unittest.TestCase):
         self.assertIsNone(trainer.amp_dtype)
         images = torch.randint(0, 256, (8, 3, 4, 4), dtype=torch.uint8)
         loader = data.TensorLoader(images, torch.arange(8) % 3, 4, [0.5] * 3, [0.25] * 3, 4,
-                                    train=False)
+                                   train=False)
         refused = RuntimeError("User specified an unsupported autocast device_type 'mps'")
         with mock.patch.object(torch, 'autocast', side_effect=refused):
             trainer.epoch_train(loader)
             trainer.epoch_valid(loader)
+
+
+class PrecisionTest(unittest.TestCase):
+    """--precision auto on each kind of machine, with the device queries mocked."""
+
+    def choose(self, name, device, capability=(8, 0), cpu_bf16=True):
+        with mock.patch.object(torch.cuda, 'get_device_capability', return_value=capability), \
+                mock.patch.object(speed, 'cpu_has_native_bf16', return_value=cpu_bf16), \
+                mock.patch.object(speed, 'autocast_works', return_value=True):
+            return speed.choose_precision(name, torch.device(device))
+
+    def test_auto(self):
+        self.assertEqual(self.choose('auto', 'cuda', (8, 0)), torch.bfloat16)  # A100
+        self.assertEqual(self.choose('auto', 'cuda', (9, 0)), torch.bfloat16)  # H100
+        # T4 and V100: torch.cuda.is_bf16_supported() says True there (emulation); fp16.
+        with mock.patch.object(torch.cuda, 'is_bf16_supported', return_value=True):
+            self.assertEqual(self.choose('auto', 'cuda', (7, 5)), torch.float16)
+            self.assertEqual(self.choose('auto', 'cuda', (7, 0)), torch.float16)
+        self.assertEqual(self.choose('auto', 'cpu', cpu_bf16=True), torch.bfloat16)
+        self.assertIsNone(self.choose('auto', 'cpu', cpu_bf16=False))
+        self.assertIsNone(self.choose('auto', 'mps'))
+
+    def test_an_explicit_precision_wins_unless_the_device_cannot(self):
+        self.assertIsNone(self.choose('fp32', 'cuda', (9, 0)))
+        self.assertEqual(self.choose('fp16', 'cuda', (9, 0)), torch.float16)
+        self.assertEqual(self.choose('bf16', 'cpu', cpu_bf16=False), torch.bfloat16)
+        self.assertEqual(self.choose('fp16', 'cpu'), torch.float16)
+        with self.assertRaisesRegex(speed.UsageError, 'capability 7.5.*--precision fp16'):
+            self.choose('bf16', 'cuda', (7, 5))
+        with mock.patch.object(speed, 'autocast_works', return_value=False), \
+                self.assertRaisesRegex(speed.UsageError, 'cannot compute in fp16 on cpu'):
+            speed.choose_precision('fp16', torch.device('cpu'))
+
+    def test_autocast_works_asks_torch(self):
+        cpu = torch.device('cpu')
+        self.assertTrue(speed.autocast_works(cpu, torch.bfloat16))  # every torch it supports
+        refused = RuntimeError("User specified an unsupported autocast device_type 'mps'")
+        with mock.patch.object(torch, 'autocast', side_effect=refused):
+            self.assertFalse(speed.autocast_works(cpu, torch.float16))
+        # An old CPU build turns fp16 autocast off (a warning) and computes in fp32.
+        with mock.patch.object(torch, 'autocast', return_value=contextlib.nullcontext()):
+            self.assertFalse(speed.autocast_works(cpu, torch.float16))
+
+    def test_cpu_bf16_from_the_cpu_flags(self):
+        # Where torch cannot say (its private functions are missing), /proc/cpuinfo's flags.
+        with tempfile.TemporaryDirectory() as tmp, \
+                mock.patch.object(torch, 'cpu', types.SimpleNamespace()):
+            path = Path(tmp, 'cpuinfo')
+            for flags, expected in (('fpu avx512f avx512_bf16 sse', True),
+                                    ('fpu amx_bf16 amx_tile', True),
+                                    ('fpu avx2 avx512f avx512bw', False)):
+                path.write_text(f'processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\n')
+                self.assertEqual(speed.cpu_has_native_bf16(path), expected, flags)
+            self.assertFalse(speed.cpu_has_native_bf16(Path(tmp, 'missing')))  # not Linux
+        with mock.patch.object(torch.cpu, '_is_avx512_bf16_supported', create=True,
+                               return_value=True):
+            self.assertTrue(speed.cpu_has_native_bf16('/nonexistent'))
+
+    def test_one_pixel_route_under_bf16(self):
+        # Under CPU bf16 autocast the route still computes nn.Conv2d's outputs and gradients,
+        # within bf16's rounding.
+        torch.manual_seed(0)
+        for px, k, s, p in ((1, 3, 1, 1), (2, 3, 2, 1), (2, 1, 2, 0)):
+            ref = nn.Conv2d(64, 32, k, s, p, bias=False)
+            ours = speed.OnePixelConv2d(64, 32, k, s, p, bias=False)
+            ours.load_state_dict(ref.state_dict())
+            x = torch.randn(8, 64, px, px).contiguous(memory_format=torch.channels_last)
+            results = []
+            for conv in (ref, ours):
+                xi = x.clone().requires_grad_()
+                with torch.autocast('cpu', dtype=torch.bfloat16):
+                    out = conv(xi)
+                self.assertEqual(out.dtype, torch.bfloat16)
+                out.float().square().sum().backward()
+                results.append([out.float(), xi.grad, conv.weight.grad])
+            for a, b in zip(*results):
+                torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * a.abs().max().item())

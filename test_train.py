@@ -31,6 +31,9 @@ import train
 from resnet import ResNet18, ResNet34
 from test_helpers import COLOURS, EagerGraphedStep, make_colour_folder, run_main, run_script
 
+CPU = torch.device('cpu')
+AUTO = speed.choose_precision('auto', CPU)  # what --precision auto picks on this CPU
+
 
 class TrainTest(unittest.TestCase):
     """train.py end to end on a small generated image folder, on the CPU."""
@@ -57,9 +60,14 @@ class TrainTest(unittest.TestCase):
 
     def test_learns_colour_task_and_writes_its_files(self):
         real_open = Image.open
-        with mock.patch.object(Image, 'open', side_effect=real_open) as opened:
+        route = mock.patch.object(speed, 'route_one_pixel_convs',
+                                  side_effect=speed.route_one_pixel_convs)
+        with mock.patch.object(Image, 'open', side_effect=real_open) as opened, route as routed:
             code, out, err = self.train()  # --workers 1: decoded in this process
         self.assertEqual(code, 0, err)
+        routed.assert_called_once()  # the CPU route of speed.py, put on the plain model
+        precision = speed.precision_name(AUTO)
+        self.assertIn(f'resnet18 (small input), cpu, {precision}, 2 epochs', out)
         # The article ran every image through PIL (Resize + ToTensor) in every epoch.
         n_images = sum(1 for _ in Path(self.data).rglob('*.png'))
         self.assertEqual(opened.call_count, n_images + 1)  # + 1: the size probe
@@ -78,6 +86,7 @@ class TrainTest(unittest.TestCase):
         model.load_state_dict(torch.load(self.out, weights_only=True))
         self.assertEqual(meta['classes'], sorted(COLOURS))
         self.assertEqual(len(meta['mean']), 3)
+        self.assertEqual(meta['precision'], precision)
         self.assertEqual(self.out.with_suffix('.csv').read_text().count('\n'), 3)
         self.assertTrue(self.out.with_suffix('.ckpt').is_file())
         self.assertEqual(list(self.dir.glob('*.tmp')), [])
@@ -124,8 +133,9 @@ class TrainTest(unittest.TestCase):
             code, out, err = self.train('--epochs', 1, '--no-graph-whole-step',
                                         out=self.dir / 'plain' / 'weight.pth')
         self.assertEqual(code, 0, err)
-        self.assertEqual(calls, [(True, (16, 3, 8, 8), None)])
-        self.assertIn('cpu, the model as CUDA graphs, 1 epoch of 3 batches of 16', out)
+        self.assertEqual(calls, [(True, (16, 3, 8, 8), AUTO)])
+        self.assertIn(f'cpu, {speed.precision_name(AUTO)}, the model as CUDA graphs, 1 epoch of 3 '
+                      f'batches of 16', out)
         self.assertRegex(out, r'seconds: loading data [\d.]+, recording CUDA graphs [\d.]+, ')
 
         # ... or, by default, the whole step (GraphedStep's CPU stand-in), which must train as
@@ -143,7 +153,8 @@ class TrainTest(unittest.TestCase):
             code, out, err = self.train('--epochs', 1, out=self.dir / 'step' / 'weight.pth')
         self.assertEqual(code, 0, err)
         self.assertEqual(replays, [16, 16, 16])  # every train batch, through the graph
-        self.assertIn('cpu, the whole step as a CUDA graph, 1 epoch of 3 batches of 16', out)
+        self.assertIn(f'cpu, {speed.precision_name(AUTO)}, the whole step as a CUDA graph, 1 '
+                      f'epoch of 3 batches of 16', out)
         self.assertRegex(out, r'seconds: loading data [\d.]+, recording CUDA graphs [\d.]+, ')
         plain = torch.load(self.dir / 'plain' / 'weight.ckpt', weights_only=True)
         step = torch.load(self.dir / 'step' / 'weight.ckpt', weights_only=True)
@@ -176,7 +187,7 @@ class TrainTest(unittest.TestCase):
         trainer = train.Trainer(model, None, nn.CrossEntropyLoss())
         images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
         loader = data.TensorLoader(images, torch.arange(8) % 3, 4, [0.5] * 3, [0.25] * 3, 16,
-                                    train=False)
+                                   train=False)
         loss, acc = trainer.epoch_valid(loader)
         self.assertEqual(seen, [False, False])
         self.assertTrue(math.isfinite(loss) and 0 <= acc <= 100)
@@ -251,8 +262,12 @@ class TrainTest(unittest.TestCase):
         self.assertIn('already finished (epoch 1 of 1)', out)
         code, _, err = self.train('--resume')  # 2 epochs: not the run the checkpoint is from
         self.assertEqual((code, err.count('\n')), (2, 1), err)
-        self.assertIn('another run (--epochs 1 --batch-size 16 --model resnet18 --small-input',
-                      err)
+        self.assertRegex(err, r'another run \(--epochs 1 --batch-size 16 --precision \w+ '
+                              r'--model resnet18 --small-input')
+        other = 'fp32' if AUTO else 'bf16'  # resumed in another precision: another run too
+        code, _, err = self.train('--epochs', 1, '--resume', '--precision', other)
+        self.assertEqual((code, err.count('\n')), (2, 1), err)
+        self.assertIn('another run', err)
         # A truncated checkpoint, and one that is a readable file of something else.
         for bad in (good_ckpt[:2000], None):
             if bad is None:
@@ -424,6 +439,35 @@ class TrainInputTest(unittest.TestCase):
             for value in ('0', '-1'):
                 self.assertFails([flag, value], 'must be positive')
         self.assertFails(['--epochs', 'ten'], 'not a number')
+
+    def test_help_shows_every_default(self):
+        with contextlib.redirect_stdout(io.StringIO()) as out, self.assertRaises(SystemExit):
+            train.parse_args(['--help'])
+        text = ' '.join(out.getvalue().split())
+        self.assertIn('--precision {auto,fp32,bf16,fp16}', text)
+        self.assertIn(f'(default: {config.PRECISION})', text)
+        self.assertGreaterEqual(text.count('(default:'), 14)  # every option that has one
+
+    def test_precision_the_device_cannot_do(self):
+        # One sentence before any data is read, and no file written.
+        data_dir = make_colour_folder(self.root / 'd', n_train=1, n_test=1)
+        with mock.patch.object(speed, 'autocast_works', return_value=False):
+            self.assertFails(['--precision', 'fp16', '--data', data_dir],
+                             '--precision fp16: this torch build cannot compute in fp16 on cpu')
+
+    def test_data_that_does_not_fit_in_memory_stops_before_decoding(self):
+        # Decoding allocates every image at once: too little RAM must be one sentence, before
+        # any image is decoded, and weights already there stay as they were.
+        data_dir = make_colour_folder(self.root / 'd', n_train=1, n_test=1)
+        weights, meta = self.root / 'w.pth', self.root / 'w.json'
+        with mock.patch.object(data, 'available_ram', return_value=2**30 + 100):
+            code, out, err = run_main('--data', data_dir, '--out', weights, '--device', 'cpu',
+                                      '--workers', 1)
+        self.assertEqual((code, err.count('\n')), (2, 1), err)
+        self.assertIn('need 0.0 GiB of RAM, and 1.0 GiB is free', err)
+        self.assertIn('--image-size', err)
+        self.assertNotIn('decoding', out)
+        self.assertFalse(weights.exists() or meta.exists())
 
     def test_contradicting_options(self):
         self.assertFails(['--graph-whole-step', '--no-cuda-graphs'], 'pick one')

@@ -33,15 +33,17 @@ class Trainer:
     """The article's Trainer: epoch_train and epoch_valid run one epoch each and return the
     loss and the accuracy (%); params are the model's weights."""
 
-    def __init__(self, model, optimizer, criterion, device='cpu', scheduler=None, amp=True):
+    def __init__(self, model, optimizer, criterion, device='cpu', scheduler=None,
+                 amp_dtype=None):
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.optimizer = optimizer
         self.criterion = criterion
         self.scheduler = scheduler  # stepped once per batch
-        self.amp_dtype = speed.amp_dtype(self.device) if amp else None  # None: fp32
+        self.amp_dtype = amp_dtype  # autocast to bf16 or fp16 (speed.choose_precision); None: fp32
         # fp16 needs loss scaling; bf16 and fp32 do not (the scaler is then a no-op).
-        self.scaler = torch.amp.GradScaler('cuda', enabled=self.amp_dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=amp_dtype == torch.float16)
         self.progress = sys.stdout.isatty()  # a live progress line on a terminal, none in a log
         self.class_accuracy = None  # per-class accuracy (%) of the last epoch_valid
         self.graphed_step = None  # a GraphedStep replaces train_step when set (CUDA only)
@@ -213,6 +215,10 @@ def build_parser():
                    help='ResNet stem for small images: 3x3/1 conv, no max-pool')
     p.add_argument('--device', choices=['auto', 'cpu', 'cuda', 'mps'], default=config.DEVICE,
                    help='auto picks cuda, then mps, then cpu (default: %(default)s)')
+    p.add_argument('--precision', choices=['auto', *speed.PRECISIONS], default=config.PRECISION,
+                   help='number format of the forward and backward; auto: bf16 on CUDA GPUs '
+                        'and CPUs that compute it natively, fp16 on older GPUs, else fp32 '
+                        '(default: %(default)s)')
     p.add_argument('--seed', type=positive(int, allow_zero=True), default=config.SEED,
                    help='seeds weights, shuffling and augmentation (default: %(default)s)')
     p.add_argument('--out', default=config.OUT_PATH, metavar='PATH',
@@ -274,9 +280,9 @@ def check_args(args):
                          'them off; pick one')
 
 
-def load_data(args, need_train=True):
+def load_data(args, device, need_train=True):
     if args.data:
-        return load_image_folder(args.data, args.image_size, args.workers, need_train)
+        return load_image_folder(args.data, args.image_size, args.workers, need_train, device)
     return load_cifar10(args.data_root)
 
 
@@ -289,6 +295,7 @@ def print_class_accuracy(classes, accuracy):
 def evaluate(args, device):
     """--eval PATH: test accuracy and per-class accuracy of saved weights."""
     path = Path(args.eval)
+    amp_dtype = speed.choose_precision(args.precision, device)
     state = saving.load_weights(path)
     meta = saving.read_json(path.with_suffix('.json')) or {}
     model_name = meta.get('model', args.model)
@@ -297,18 +304,19 @@ def evaluate(args, device):
     if model_name not in MODELS:
         raise UsageError(f'{path.with_suffix(".json")} names an unknown model {model_name!r}')
     args.image_size = image_size
-    _, _, test_x, test_y, classes = load_data(args, need_train='mean' not in meta)
+    _, _, test_x, test_y, classes = load_data(args, device, need_train='mean' not in meta)
     if 'classes' in meta and meta['classes'] != list(classes):
         raise UsageError(f'{path} was trained on the classes {meta["classes"]}, '
                          f'but the data has {list(classes)}')
     if 'mean' in meta:
         mean, std = meta['mean'], meta['std']
     else:
-        mean, std = channel_stats(load_data(args)[0])
+        mean, std = channel_stats(load_data(args, device)[0])
 
     model = build_model(model_name, len(classes), small_input)
     saving.load_into(model, state, path, model_name + (' --small-input' if small_input else ''))
-    trainer = Trainer(speed.prepare_model(model, device), None, build_criterion(), device)
+    trainer = Trainer(speed.prepare_model(model, device), None, build_criterion(), device,
+                      amp_dtype=amp_dtype)
     loader = TensorLoader(test_x.to(device), test_y, config.EVAL_BATCH_SIZE, mean, std,
                           image_size, train=False, memory_format=speed.memory_format(device))
     loss, acc = trainer.epoch_valid(loader)
@@ -332,16 +340,18 @@ def train(args, device):
     out = Path(args.out)
     # A checkpoint to resume is read before the data, so that a bad one fails fast.
     ckpt = saving.load_checkpoint(out.with_suffix('.ckpt')) if args.resume else None
+    amp_dtype = speed.choose_precision(args.precision, device)
+    precision = speed.precision_name(amp_dtype)
     t0 = time.perf_counter()
-    train_x, train_y, test_x, test_y, classes = load_data(args)
+    train_x, train_y, test_x, test_y, classes = load_data(args, device)
     mean, std = channel_stats(train_x)
     timings = {'loading data': time.perf_counter() - t0}
     print(f'{len(train_x):,} train and {len(test_x):,} test images, {len(classes)} classes, '
           f'held at {train_x.shape[-1]} px, fed at {args.image_size} px; '
           f'mean {[round(m, 4) for m in mean]}, std {[round(s, 4) for s in std]} '
           f'({timings["loading data"]:.1f} s)')
-    files = saving.RunFiles(out, setup_of(args, classes),
-                            {'mean': mean, 'std': std, 'epochs': args.epochs}, args.resume)
+    files = saving.RunFiles(out, setup_of(args, classes), {'mean': mean, 'std': std,
+                            'epochs': args.epochs, 'precision': precision}, args.resume)
 
     torch.manual_seed(args.seed)
     model = speed.prepare_model(build_model(args.model, len(classes), args.small_input), device)
@@ -354,7 +364,7 @@ def train(args, device):
                                 args.image_size, train=False, memory_format=mf)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_linear(args.epochs * len(train_loader), config.WARMUP))
-    trainer = Trainer(model, optimizer, build_criterion(), device, scheduler)
+    trainer = Trainer(model, optimizer, build_criterion(), device, scheduler, amp_dtype)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True  # time cuDNN's algorithms once per shape
 
@@ -366,7 +376,8 @@ def train(args, device):
         t0 = time.perf_counter()
         launch = ', ' + speed.record_graphs(trainer, train_loader, args.graph_whole_step)
         timings['recording CUDA graphs'] = time.perf_counter() - t0
-    print(f'{args.model}{" (small input)" if args.small_input else ""}, {device.type}{launch}, '
+    print(f'{args.model}{" (small input)" if args.small_input else ""}, {device.type}, '
+          f'{precision}{launch}, '
           f'{plural(args.epochs, "epoch", "epochs")} of '
           f'{plural(len(train_loader), "batch", "batches")} of '
           f'{args.batch_size}, peak lr {args.lr}')
@@ -415,7 +426,7 @@ def fit(trainer, loaders, args, files, history, start, timings):
                 'img_per_s': round(len(train_loader) * args.batch_size / train_time)})
             print_epoch(history[-1], args.epochs)
             if epoch == args.epochs or time.monotonic() - last_save >= args.save_every:
-                files.save(saving.checkpoint(trainer, epoch, args, files.setup, history))
+                files.save(saving.checkpoint(trainer, epoch, args, files, history))
                 last_save = time.monotonic()
     except KeyboardInterrupt:
         files.save()
