@@ -47,6 +47,14 @@ class AlexNet(nn.Module):
         # The article ended with nn.Softmax(dim=0), a softmax across the batch. Any softmax
         # here is wrong for training: nn.CrossEntropyLoss wants logits. forward returns logits.
 
+        # Not in the article, which kept PyTorch's default init: He (Kaiming) init for ReLU. With
+        # no BatchNorm, the default init shrinks the signal through the eight layers, and the
+        # first epochs are spent at chance (README, "What the article got wrong").
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, mode='fan_in', nonlinearity='relu')
+                nn.init.zeros_(m.bias)
+
     def forward(self, x):                       # shapes for a 227 px input
         if x.shape[-1] < self.MIN_INPUT_SIZE or x.shape[-2] < self.MIN_INPUT_SIZE:
             raise ValueError(f'AlexNet needs inputs of at least {self.MIN_INPUT_SIZE}x'

@@ -23,6 +23,7 @@ from torchvision import transforms
 
 import data
 import layers
+import options
 import saving
 import speed
 import train
@@ -216,10 +217,10 @@ def main(argv=None):
     p.add_argument('--quick', action='store_true',
                    help='small batches, one step, no warm-up: a smoke test')
     p.add_argument('--device', choices=['auto', 'cpu', 'cuda', 'mps'], default='auto')
-    p.add_argument('--steps', type=train.positive(int), default=None,
+    p.add_argument('--steps', type=options.positive(int), default=None,
                    help='steps per timed repeat (default: 1 quick, 3 on CPU, 50 on CUDA; '
                         'a fifth of that for the article\'s network on CUDA)')
-    p.add_argument('--repeats', type=train.positive(int), default=None,
+    p.add_argument('--repeats', type=options.positive(int), default=None,
                    help='timed repeats; the median is reported (default: 1 quick, else 3)')
     p.add_argument('--json', metavar='PATH', help='also write the results as JSON')
     args = p.parse_args(argv)

@@ -12,7 +12,8 @@ CROP_PADDING = 4              # random crop: reflect-pad by this many px, crop b
 NUM_WORKERS = 0               # processes that decode an image folder; 0 means one per CPU core
 
 # Model
-MODEL = 'resnet18'            # resnet18 | resnet34 | resnet50 | alexnet
+MODELS = ('alexnet', 'resnet18', 'resnet34', 'resnet50')  # the networks --model offers
+MODEL = 'resnet18'            # the network to train
 SMALL_INPUT = False           # ResNet stem for small images: 3x3/1 conv, no max-pool
 
 # Optimisation

@@ -14,6 +14,7 @@ import torchvision
 
 import data
 import layers
+import options
 import speed
 import train
 from resnet import ResNet18
@@ -128,10 +129,10 @@ class SpeedTest(unittest.TestCase):
 
     def test_cuda_graphs_only_for_resnets_on_cuda(self):
         cuda, cpu = torch.device('cuda'), torch.device('cpu')
-        self.assertTrue(speed.use_cuda_graphs(train.parse_args([]), cuda))
-        self.assertFalse(speed.use_cuda_graphs(train.parse_args([]), cpu))
-        self.assertFalse(speed.use_cuda_graphs(train.parse_args(['--no-cuda-graphs']), cuda))
-        self.assertFalse(speed.use_cuda_graphs(train.parse_args(['--model', 'alexnet']), cuda))
+        self.assertTrue(speed.use_cuda_graphs(options.parse_args([]), cuda))
+        self.assertFalse(speed.use_cuda_graphs(options.parse_args([]), cpu))
+        self.assertFalse(speed.use_cuda_graphs(options.parse_args(['--no-cuda-graphs']), cuda))
+        self.assertFalse(speed.use_cuda_graphs(options.parse_args(['--model', 'alexnet']), cuda))
 
     def test_fp32_asks_for_no_autocast(self):
         # fp32 (CPU, Apple's mps) runs without torch.autocast: before torch 2.5 even a disabled

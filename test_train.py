@@ -25,6 +25,7 @@ from PIL import Image
 
 import config
 import data
+import options
 import saving
 import speed
 import train
@@ -163,22 +164,27 @@ class TrainTest(unittest.TestCase):
         self.assertEqual(plain['history'][0]['train_loss'], step['history'][0]['train_loss'])
         self.assertIsInstance(step['optimizer']['param_groups'][0]['lr'], float)
 
+    def test_every_model_offered_is_built(self):
+        self.assertEqual(sorted(train.MODELS), sorted(config.MODELS))
+        for name in config.MODELS:
+            self.assertEqual(options.parse_args(['--model', name]).model, name)
+
     def test_defaults_that_depend_on_other_arguments(self):
         # --small-input trains at batch 256 (README, Results), the ImageNet stem at 512; an
         # explicit --batch-size wins either way.
-        self.assertEqual(train.parse_args([]).batch_size, config.BATCH_SIZE)
-        self.assertEqual(train.parse_args(['--small-input']).batch_size,
+        self.assertEqual(options.parse_args([]).batch_size, config.BATCH_SIZE)
+        self.assertEqual(options.parse_args(['--small-input']).batch_size,
                          config.SMALL_INPUT_BATCH_SIZE)
         self.assertEqual(config.SMALL_INPUT_BATCH_SIZE, 256)
-        self.assertEqual(train.parse_args(['--small-input', '--batch-size', '512']).batch_size,
+        self.assertEqual(options.parse_args(['--small-input', '--batch-size', '512']).batch_size,
                          512)
         # On CUDA the whole step is graphed unless --no-graph-whole-step, and --no-cuda-graphs
         # alone turns every graph off, the whole step's too, with no complaint.
-        self.assertTrue(train.parse_args([]).graph_whole_step)
-        self.assertFalse(train.parse_args(['--no-graph-whole-step']).graph_whole_step)
-        args = train.parse_args(['--no-cuda-graphs'])
+        self.assertTrue(options.parse_args([]).graph_whole_step)
+        self.assertFalse(options.parse_args(['--no-graph-whole-step']).graph_whole_step)
+        args = options.parse_args(['--no-cuda-graphs'])
         self.assertFalse(args.graph_whole_step)
-        train.check_args(args)
+        options.check_args(args)
 
     def test_validation_runs_without_autograd(self):
         model = ResNet18(3)
@@ -442,7 +448,7 @@ class TrainInputTest(unittest.TestCase):
 
     def test_help_shows_every_default(self):
         with contextlib.redirect_stdout(io.StringIO()) as out, self.assertRaises(SystemExit):
-            train.parse_args(['--help'])
+            options.parse_args(['--help'])
         text = ' '.join(out.getvalue().split())
         self.assertIn('--precision {auto,fp32,bf16,fp16}', text)
         self.assertIn(f'(default: {config.PRECISION})', text)
