@@ -16,7 +16,8 @@ MODELS = ('alexnet', 'resnet18', 'resnet34', 'resnet50')  # the networks --model
 MODEL = 'resnet18'            # the network to train
 SMALL_INPUT = False           # ResNet stem for small images: 3x3/1 conv, no max-pool
 
-# Optimisation
+# Optimisation: the fixed recipe (--recipe fixed, the default)
+RECIPE = 'fixed'              # fixed | article | article+FIX+...: README, "What each fix buys"
 NUM_EPOCHS = 30               # passes over the training set
 BATCH_SIZE = 512              # images per step
 SMALL_INPUT_BATCH_SIZE = 256  # images per step with --small-input (README, Results: why)
@@ -27,6 +28,9 @@ MOMENTUM = 0.9                # SGD momentum (Nesterov)
 WEIGHT_DECAY = 5e-4           # L2 penalty on every parameter
 LABEL_SMOOTHING = 0.1         # soften the one-hot targets of the loss
 EVAL_BATCH_SIZE = 1024        # images per step when evaluating
+# The article's recipe (--recipe article): SGD at a constant lr, no normalisation, no augmentation
+ARTICLE_LR = 0.001            # the article's lr, with momentum 0.9 and no schedule
+ARTICLE_WEIGHT_DECAY = 1e-4   # the article's L2 penalty
 
 # Run
 DEVICE = 'auto'               # auto picks cuda, then mps, then cpu

@@ -213,17 +213,20 @@ class TensorLoader:
 
     Stands in for the article's DataLoader over PIL transforms (Resize(224) + ToTensor, in one
     process, every epoch). Here the random crop (reflect-pad, then crop back), the horizontal
-    flip, the normalisation and any resize are done on whole batches on the device.
-    Iterating yields (inputs, targets) like a DataLoader; call set_epoch(k) before each epoch.
+    flip, the normalisation and any resize are done on whole batches on the device (augment=False:
+    no crop and no flip, as in the article). Iterating yields (inputs, targets) like a
+    DataLoader; call set_epoch(k) before each epoch.
     """
 
     def __init__(self, images, labels, batch_size, mean, std, image_size, train,
-                 seed=0, padding=config.CROP_PADDING, memory_format=torch.contiguous_format):
+                 seed=0, padding=config.CROP_PADDING, memory_format=torch.contiguous_format,
+                 augment=True):
         self.images = images                    # (N, C, H, W) uint8, on the device
         self.labels = labels.to(images.device)  # (N,) int64
         self.batch_size = batch_size
         self.image_size = image_size
         self.train = train
+        self.augment = augment
         self.seed = seed
         self.epoch = 0
         self.padding = min(padding, images.shape[-1] - 1, images.shape[-2] - 1)
@@ -254,8 +257,12 @@ class TensorLoader:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             n = len(self.images)
             order = torch.randperm(n, generator=g).to(device)
-            shift = torch.randint(0, 2 * self.padding + 1, (n, 2), generator=g).to(device)
-            flip = (torch.rand(n, generator=g) < 0.5).to(device)
+            if self.augment:
+                shift = torch.randint(0, 2 * self.padding + 1, (n, 2), generator=g).to(device)
+                flip = (torch.rand(n, generator=g) < 0.5).to(device)
+            else:  # every window centred (no shift), none flipped
+                shift = torch.full((n, 2), self.padding, device=device)
+                flip = torch.zeros(n, dtype=torch.bool, device=device)
             # The whole epoch's crop windows and labels at once, in batch order: a batch is then
             # slices of these, one gather and the normalisation (4 kernels; 23 when each batch
             # worked out its own windows, which on a GPU cost a fifth of a CUDA-graphed step).

@@ -24,6 +24,29 @@ def positive(kind, allow_zero=False):
     return parse
 
 
+# The fixes --recipe adds to the article's recipe, in the order "What each fix buys" adds them:
+# per-channel normalisation; random crop and flip; peak lr 0.2 with warm-up and decay to 0 and
+# weight decay 5e-4; label smoothing 0.1 and Nesterov momentum. 'fixed' is all four.
+FIXES = ('norm', 'augment', 'schedule', 'smoothing')
+
+
+def recipe(text):
+    """An argparse type: 'fixed', 'article' or 'article+FIX+...', written canonically."""
+    parts = text.split('+')
+    if text == 'fixed' or set(parts[1:]) == set(FIXES) and parts[0] == 'article':
+        return 'fixed'
+    if parts[0] != 'article' or not set(parts[1:]) <= set(FIXES):
+        raise argparse.ArgumentTypeError(
+            f'{text!r} is not a recipe: use fixed, article, or article plus fixes, as in '
+            f'article+norm+augment (fixes: {", ".join(FIXES)})')
+    return '+'.join(['article'] + [f for f in FIXES if f in parts])
+
+
+def fixes_of(recipe):
+    """The set of FIXES a canonical recipe name applies."""
+    return set(FIXES) if recipe == 'fixed' else set(recipe.split('+')[1:])
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         description='Train ResNet18 (or another model) on CIFAR-10 or an image folder.')
@@ -38,8 +61,13 @@ def build_parser():
                    help=f'images per step (default: {config.BATCH_SIZE}; '
                         f'{config.SMALL_INPUT_BATCH_SIZE} with --small-input)')
     p.add_argument('--lr', type=positive(float), default=None,
-                   help=f'peak learning rate (default: {config.LR}; '
-                        f'{config.ALEXNET_LR} for alexnet)')
+                   help=f'peak learning rate (default: {config.LR}; {config.ALEXNET_LR} for '
+                        f'alexnet; {config.ARTICLE_LR} for the article\'s recipe)')
+    p.add_argument('--recipe', type=recipe, default=config.RECIPE,
+                   help='how to train: fixed (this repository\'s recipe), article (the '
+                        'article\'s: SGD lr 0.001, no schedule, no normalisation, no '
+                        'augmentation), or article plus some of the fixes, as in '
+                        f'article+norm+augment (fixes: {", ".join(FIXES)}; default: %(default)s)')
     p.add_argument('--image-size', type=positive(int), default=config.IMAGE_SIZE, metavar='PX',
                    help='side of the square images fed to the model (default: %(default)s)')
     p.add_argument('--model', choices=config.MODELS, default=config.MODEL,
@@ -86,7 +114,9 @@ def parse_args(argv=None):
         args.batch_size = config.SMALL_INPUT_BATCH_SIZE if args.small_input else config.BATCH_SIZE
     if args.graph_whole_step is None:
         args.graph_whole_step = config.GRAPH_WHOLE_STEP and args.cuda_graphs
-    if args.lr is None:
+    if args.lr is None and 'schedule' not in fixes_of(args.recipe):
+        args.lr = config.ARTICLE_LR
+    elif args.lr is None:
         args.lr = config.ALEXNET_LR if args.model == 'alexnet' else config.LR
     return args
 

@@ -168,12 +168,13 @@ def load_checkpoint(path):
     return ckpt
 
 
-def load_into(model, state, path, what):
+def load_into(model, state, path, what,
+              advice='pass the --model (and --small-input) it was trained with'):
     try:
         model.load_state_dict(state)
     except RuntimeError:
         raise UsageError(f'{path} does not fit {what}: its tensors have other names or shapes; '
-                         f'pass the --model (and --small-input) it was trained with') from None
+                         f'{advice}') from None
 
 
 def load_optimizer_state(optimizer, state):

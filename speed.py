@@ -41,6 +41,14 @@ def choose_precision(name, device):
     return dtype
 
 
+def autocast(device, dtype, cache_enabled=True):
+    """torch.autocast to dtype on device; for fp32 (None), no autocast at all: torch before 2.5
+    refuses even a disabled one on Apple's mps device."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache_enabled)
+
+
 def precision_name(dtype):
     return next(name for name, d in PRECISIONS.items() if d == dtype)
 

@@ -86,6 +86,14 @@ class DataPathTest(unittest.TestCase):
         self.assertTrue(torch.equal(a, a_again))  # same seed and epoch, same batch
         self.assertFalse(torch.equal(a, b))
 
+    def test_no_augmentation_for_the_articles_recipe(self):
+        g = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (8, 3, 8, 8), generator=g, dtype=torch.uint8)
+        loader = data.TensorLoader(images, torch.arange(8), 4, [0] * 3, [1] * 3, 8, train=True,
+                                   augment=False)
+        for x, y in loader:  # shuffled, but each image as it is, in [0, 1]
+            torch.testing.assert_close(x, images[y].float() / 255)
+
     def test_crop_and_flip(self):
         images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
         loader = data.TensorLoader(images, torch.zeros(4, dtype=torch.long), 4, [0] * 3,

@@ -18,7 +18,8 @@ from resnet import ResNet18, ResNet34, ResNet50, count_parameters
 from test_helpers import HERE, copy_weights, run_script
 
 # The other test files; `python -m unittest test_models` runs them too.
-TEST_FILES = ('test_data', 'test_speed', 'test_train', 'test_benchmark')
+TEST_FILES = ('test_data', 'test_speed', 'test_train', 'test_predict', 'test_benchmark',
+              'test_docs')
 
 
 def load_tests(loader, tests, pattern):

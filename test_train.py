@@ -164,6 +164,55 @@ class TrainTest(unittest.TestCase):
         self.assertEqual(plain['history'][0]['train_loss'], step['history'][0]['train_loss'])
         self.assertIsInstance(step['optimizer']['param_groups'][0]['lr'], float)
 
+    def test_the_articles_recipe(self):
+        # --recipe article: the article's training (lr 0.001, plain momentum, weight decay 1e-4,
+        # no schedule, raw [0, 1] pixels, no augmentation, no label smoothing), on this network.
+        built = {}
+        real_optimizer, real_criterion = train.build_optimizer, train.build_criterion
+
+        def optimizer(*args):
+            built['optimizer'] = real_optimizer(*args)
+            return built['optimizer']
+
+        def criterion(*args):
+            built['criterion'] = real_criterion(*args)
+            return built['criterion']
+
+        with mock.patch.object(train, 'build_optimizer', optimizer), \
+                mock.patch.object(train, 'build_criterion', criterion):
+            code, out, err = run_main(
+                '--data', self.data, '--image-size', 8, '--small-input', '--batch-size', 16,
+                '--epochs', 2, '--device', 'cpu', '--workers', 1, '--recipe', 'article',
+                '--out', self.out)
+        self.assertEqual(code, 0, err)
+        self.assertIn('the recipe article, 2 epochs of 3 batches of 16, peak lr 0.001', out)
+        group = built['optimizer'].param_groups[0]
+        self.assertEqual((group['momentum'], group['nesterov'], group['weight_decay']),
+                         (0.9, False, 1e-4))
+        self.assertEqual(built['criterion'].label_smoothing, 0.0)
+        meta = json.loads(self.out.with_suffix('.json').read_text())
+        self.assertEqual((meta['recipe'], meta['mean'], meta['std']),
+                         ('article', [0.0] * 3, [1.0] * 3))
+        with open(self.out.with_suffix('.csv')) as f:
+            self.assertEqual([float(r['lr']) for r in csv.DictReader(f)], [0.001, 0.001])
+        # Weights of another recipe are another setup: the fixed recipe leaves them alone.
+        before = self.out.read_bytes()
+        code, _, err = self.train()
+        self.assertEqual((code, err.count('\n')), (2, 1), err)
+        self.assertIn('another setup', err)
+        self.assertEqual(self.out.read_bytes(), before)
+
+    def test_recipe_names(self):
+        self.assertEqual(options.parse_args([]).recipe, 'fixed')
+        for text, recipe, fixes in (
+                ('article', 'article', set()),
+                ('article+augment+norm', 'article+norm+augment', {'norm', 'augment'}),
+                ('article+norm+augment+schedule+smoothing', 'fixed', set(options.FIXES))):
+            args = options.parse_args(['--recipe', text])
+            self.assertEqual((args.recipe, options.fixes_of(args.recipe)), (recipe, fixes))
+        self.assertEqual(options.parse_args(['--recipe', 'article+norm']).lr, config.ARTICLE_LR)
+        self.assertEqual(options.parse_args(['--recipe', 'article+schedule']).lr, config.LR)
+
     def test_every_model_offered_is_built(self):
         self.assertEqual(sorted(train.MODELS), sorted(config.MODELS))
         for name in config.MODELS:
@@ -439,6 +488,9 @@ class TrainInputTest(unittest.TestCase):
         self.assertIn(text, err)
         self.assertNotIn('Traceback', err)
         self.assertFalse((self.root / 'w.pth').exists())
+
+    def test_bad_recipe(self):
+        self.assertFails(['--recipe', 'article+dropout'], 'is not a recipe')
 
     def test_bad_numbers(self):
         for flag in ('--epochs', '--batch-size', '--lr'):

@@ -9,7 +9,6 @@ and loading saving.py, and what is there only for speed speed.py.
     python train.py --data DIR --epochs 5    # DIR/train/<class>/*, DIR/test/<class>/*
     python train.py --eval weight.pth        # test accuracy of saved weights
 """
-import contextlib
 import math
 import sys
 import time
@@ -50,10 +49,7 @@ class Trainer:
         self.autocast_cache = True  # off while a CUDA graph records: graphs cannot use it
 
     def _autocast(self):
-        if self.amp_dtype is None:  # fp32: no autocast at all (torch before 2.5 refuses even
-            return contextlib.nullcontext()  # a disabled one on Apple's 'mps' device)
-        return torch.autocast(self.device.type, dtype=self.amp_dtype,
-                              cache_enabled=self.autocast_cache)
+        return speed.autocast(self.device, self.amp_dtype, self.autocast_cache)
 
     def train_step(self, inputs, targets):
         """One step of the article's loop: forward, loss, backward, SGD update. Returns the
@@ -132,19 +128,28 @@ def build_model(name, num_classes, small_input=False):
     return MODELS[name](num_classes, small_input=small_input)
 
 
-def build_optimizer(model, lr, device):
-    """SGD with Nesterov momentum and weight decay (config.py). On CUDA, PyTorch's fused SGD:
-    one kernel updates every parameter, where its default (foreach) launches several a step,
-    each also costing the host time between two CUDA-graph replays. The update is the same."""
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=config.MOMENTUM, nesterov=True,
-                           weight_decay=config.WEIGHT_DECAY,
+def build_optimizer(model, lr, device, fixes=options.FIXES):
+    """SGD with Nesterov momentum and weight decay (config.py); the article's recipe has plain
+    momentum and a smaller decay. On CUDA, PyTorch's fused SGD: one kernel updates every
+    parameter, where its default (foreach) launches several a step, each also costing the host
+    time between two CUDA-graph replays. The update is the same."""
+    decay = config.WEIGHT_DECAY if 'schedule' in fixes else config.ARTICLE_WEIGHT_DECAY
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=config.MOMENTUM,
+                           nesterov='smoothing' in fixes, weight_decay=decay,
                            fused=True if device.type == 'cuda' else None)  # None: the default
 
 
-def build_criterion():
+def build_criterion(fixes=options.FIXES):
     """The loss of training, and of every evaluation, so that --eval reports the valid loss the
     training log printed: cross-entropy with label smoothing (config.py)."""
-    return nn.CrossEntropyLoss(label_smoothing=config.LABEL_SMOOTHING)
+    smoothing = config.LABEL_SMOOTHING if 'smoothing' in fixes else 0.0
+    return nn.CrossEntropyLoss(label_smoothing=smoothing)
+
+
+def build_schedule(optimizer, total_steps, fixes=options.FIXES):
+    """The lr factor of each step: warm-up, then linear decay to 0 (the article: constant)."""
+    factor = warmup_linear(total_steps, config.WARMUP) if 'schedule' in fixes else constant
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def warmup_linear(total_steps, warmup):
@@ -156,6 +161,10 @@ def warmup_linear(total_steps, warmup):
             return (step + 1) / peak
         return max(0.0, (total_steps - step) / max(1, total_steps - peak))
     return factor
+
+
+def constant(step):
+    return 1.0
 
 
 def pick_device(name):
@@ -178,7 +187,7 @@ def setup_of(args, classes):
     """What must match for two runs' weights to be compared, or for a run to be resumed."""
     data = str(Path(args.data).resolve()) if args.data else 'cifar10'
     return {'model': args.model, 'small_input': args.small_input, 'image_size': args.image_size,
-            'data': data, 'classes': list(classes)}
+            'data': data, 'classes': list(classes), 'recipe': args.recipe}
 
 
 def load_data(args, device, need_train=True):
@@ -216,7 +225,8 @@ def evaluate(args, device):
 
     model = build_model(model_name, len(classes), small_input)
     saving.load_into(model, state, path, model_name + (' --small-input' if small_input else ''))
-    trainer = Trainer(speed.prepare_model(model, device), None, build_criterion(), device,
+    criterion = build_criterion(options.fixes_of(meta.get('recipe', 'fixed')))
+    trainer = Trainer(speed.prepare_model(model, device), None, criterion, device,
                       amp_dtype=amp_dtype)
     loader = TensorLoader(test_x.to(device), test_y, config.EVAL_BATCH_SIZE, mean, std,
                           image_size, train=False, memory_format=speed.memory_format(device))
@@ -245,27 +255,30 @@ def train(args, device):
     precision = speed.precision_name(amp_dtype)
     t0 = time.perf_counter()
     train_x, train_y, test_x, test_y, classes = load_data(args, device)
-    mean, std = channel_stats(train_x)
+    fixes = options.fixes_of(args.recipe)
+    # The article fed raw [0, 1] pixels; the fix normalises with the training images' statistics.
+    mean, std = channel_stats(train_x) if 'norm' in fixes else ([0.0] * 3, [1.0] * 3)
     timings = {'loading data': time.perf_counter() - t0}
     print(f'{len(train_x):,} train and {len(test_x):,} test images, {len(classes)} classes, '
           f'held at {train_x.shape[-1]} px, fed at {args.image_size} px; '
           f'mean {[round(m, 4) for m in mean]}, std {[round(s, 4) for s in std]} '
           f'({timings["loading data"]:.1f} s)')
-    files = saving.RunFiles(out, setup_of(args, classes), {'mean': mean, 'std': std,
-                            'epochs': args.epochs, 'precision': precision}, args.resume)
+    info = {'mean': mean, 'std': std, 'held_size': train_x.shape[-1], 'epochs': args.epochs,
+            'precision': precision}  # also in weight.json: how predict.py prepares an image
+    files = saving.RunFiles(out, setup_of(args, classes), info, args.resume)
 
     torch.manual_seed(args.seed)
     model = speed.prepare_model(build_model(args.model, len(classes), args.small_input), device)
     # The article used plain SGD at lr 0.001 with no schedule, which barely moves in 30 epochs.
-    optimizer = build_optimizer(model, args.lr, device)
+    optimizer = build_optimizer(model, args.lr, device, fixes)
     mf = speed.memory_format(device)
     train_loader = TensorLoader(train_x.to(device), train_y, args.batch_size, mean, std,
-                                args.image_size, train=True, seed=args.seed, memory_format=mf)
+                                args.image_size, train=True, seed=args.seed, memory_format=mf,
+                                augment='augment' in fixes)
     valid_loader = TensorLoader(test_x.to(device), test_y, config.EVAL_BATCH_SIZE, mean, std,
                                 args.image_size, train=False, memory_format=mf)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_linear(args.epochs * len(train_loader), config.WARMUP))
-    trainer = Trainer(model, optimizer, build_criterion(), device, scheduler, amp_dtype)
+    scheduler = build_schedule(optimizer, args.epochs * len(train_loader), fixes)
+    trainer = Trainer(model, optimizer, build_criterion(fixes), device, scheduler, amp_dtype)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True  # time cuDNN's algorithms once per shape
 
@@ -277,8 +290,9 @@ def train(args, device):
         t0 = time.perf_counter()
         launch = ', ' + speed.record_graphs(trainer, train_loader, args.graph_whole_step)
         timings['recording CUDA graphs'] = time.perf_counter() - t0
+    recipe = '' if args.recipe == 'fixed' else f', the recipe {args.recipe}'
     print(f'{args.model}{" (small input)" if args.small_input else ""}, {device.type}, '
-          f'{precision}{launch}, '
+          f'{precision}{launch}{recipe}, '
           f'{plural(args.epochs, "epoch", "epochs")} of '
           f'{plural(len(train_loader), "batch", "batches")} of '
           f'{args.batch_size}, peak lr {args.lr}')

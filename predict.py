@@ -1,0 +1,112 @@
+"""Classify your own images with the weights train.py saved: the step after the article's end.
+
+weight.json, beside weight.pth, says which network the weights are for, its classes, and how
+its images were prepared. Each image is prepared exactly as evaluation prepares the test images:
+read as RGB, resized to the size the training images were held at, then to the size the
+network was fed, and normalised with the training images' mean and std.
+
+    python predict.py photo.jpg                         # the top 3 classes, with probabilities
+    python predict.py my_photos/ --topk 5               # every image in a folder, sorted
+    python predict.py a.png b.png --weights runs/w.pth  # other weights
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+import config
+import options
+import saving
+import speed
+import train
+from data import IMG_EXTENSIONS, TensorLoader, UsageError, decode_images
+
+NEEDED = ('model', 'classes', 'image_size', 'mean', 'std')  # what weight.json must say
+
+
+def load_model(path, device):
+    """The network saved at path, in eval mode on device, and its weight.json."""
+    path = Path(path)
+    state = saving.load_weights(path)
+    meta = saving.read_json(path.with_suffix('.json'))
+    if meta is None or not all(k in meta for k in NEEDED):
+        raise UsageError(f'{path} has no readable {path.with_suffix(".json").name} beside it, '
+                         f'which says what the weights are and how to prepare an image; keep '
+                         f'the one train.py wrote with them')
+    if meta['model'] not in train.MODELS:
+        raise UsageError(f'{path.with_suffix(".json")} names an unknown model {meta["model"]!r}')
+    small_input = meta.get('small_input', False)
+    model = train.build_model(meta['model'], len(meta['classes']), small_input)
+    what = f'the {meta["model"]}{" --small-input" if small_input else ""} its weight.json names'
+    saving.load_into(model, state, path, what, advice='retrain, or put back the weight.json '
+                                                      'that was written with them')
+    return speed.prepare_model(model, device).eval(), meta
+
+
+def image_files(paths):
+    """Each path that is a file, and the images of each folder (any depth, sorted)."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_file():
+            files.append(str(path))
+        elif path.is_dir():
+            found = sorted(os.path.join(folder, n) for folder, _, names in os.walk(path)
+                           for n in names if os.path.splitext(n)[1].lower() in IMG_EXTENSIONS
+                           and not n.startswith('.'))
+            if not found:
+                raise UsageError(f'{path} holds no images (read: {", ".join(IMG_EXTENSIONS)})')
+            files += found
+        else:
+            raise UsageError(f'{path} is neither an image nor a folder')
+    return files
+
+
+@torch.no_grad()
+def probabilities(files, model, meta, device, amp_dtype, chunk=4096, workers=0):
+    """Yield each file's class probabilities, (num_classes,), decoding `chunk` files at a time."""
+    held = meta.get('held_size', meta['image_size'])
+    for i in range(0, len(files), chunk):
+        images = decode_images(files[i:i + chunk], held, workers or os.cpu_count() or 1)
+        loader = TensorLoader(images.to(device), torch.zeros(len(images), dtype=torch.long),
+                              config.EVAL_BATCH_SIZE, meta['mean'], meta['std'],
+                              meta['image_size'], train=False,
+                              memory_format=speed.memory_format(device))
+        for inputs, _ in loader:
+            with speed.autocast(device, amp_dtype):
+                logits = model(inputs)
+            # Over the classes (dim=1): the article's AlexNet took its softmax over the batch.
+            yield from logits.float().softmax(dim=1).cpu()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description='Classify images with weights train.py saved.')
+    p.add_argument('images', nargs='+', metavar='IMAGE_OR_FOLDER',
+                   help='image files, or folders whose images are all read')
+    p.add_argument('--weights', default=config.OUT_PATH, metavar='PATH',
+                   help='weights train.py saved, with their .json beside them '
+                        '(default: %(default)s)')
+    p.add_argument('--topk', type=options.positive(int), default=3,
+                   help='how many of the likeliest classes to print (default: %(default)s)')
+    p.add_argument('--device', choices=['auto', 'cpu', 'cuda', 'mps'], default=config.DEVICE,
+                   help='auto picks cuda, then mps, then cpu (default: %(default)s)')
+    args = p.parse_args(argv)
+    try:
+        device = train.pick_device(args.device)
+        model, meta = load_model(args.weights, device)
+        files = image_files(args.images)
+        amp_dtype = speed.choose_precision('auto', device)
+        k = min(args.topk, len(meta['classes']))
+        for path, probs in zip(files, probabilities(files, model, meta, device, amp_dtype)):
+            top = probs.topk(k)
+            print(path + ''.join(f'  {meta["classes"][c]} {p:.1%}'
+                                 for p, c in zip(top.values.tolist(), top.indices.tolist())))
+    except UsageError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Tests for predict.py: train on a small generated colour folder, then classify its images."""
+import contextlib
+import io
+import json
+import re
+import shutil
+import tempfile
+import unittest
+from pathlib import Path
+
+import torch
+
+import predict
+import speed
+from test_helpers import COLOURS, make_colour_folder, run_main
+
+
+def run_predict(*argv):
+    """predict.main(argv) with stdout and stderr captured: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = predict.main([str(a) for a in argv])
+        except SystemExit as e:  # argparse
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+class PredictTest(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        root = Path(cls.tmp.name)
+        # 12 px images held at 12 px and fed at 16: predict must resize as evaluation does.
+        cls.data = make_colour_folder(root / 'colours', size=12)
+        cls.weights = root / 'weight.pth'
+        code, _, err = run_main('--data', cls.data, '--image-size', 16, '--small-input',
+                                '--lr', 0.01, '--batch-size', 16, '--epochs', 2, '--device', 'cpu',
+                                '--workers', 1, '--out', cls.weights)
+        assert code == 0, err
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def predict(self, *argv):
+        return run_predict(*argv, '--weights', self.weights, '--device', 'cpu')
+
+    def test_accuracy_on_the_test_images_equals_evals(self):
+        code, out, err = self.predict(self.data / 'test')
+        self.assertEqual(code, 0, err)
+        lines = out.splitlines()
+        self.assertEqual(len(lines), 3 * 10)
+        hits = [Path(line.split('  ')[0]).parent.name == line.split('  ')[1].split()[0]
+                for line in lines]
+        code, out, err = run_main('--eval', self.weights, '--data', self.data, '--device', 'cpu',
+                                  '--workers', 1)
+        self.assertEqual(code, 0, err)
+        evaluated = float(re.search(r'test accuracy ([\d.]+)%', out).group(1))
+        self.assertEqual(f'{100 * sum(hits) / len(hits):.2f}', f'{evaluated:.2f}')
+        self.assertGreater(evaluated, 80)
+
+    def test_one_image_of_each_class(self):
+        files = [self.data / 'test' / name / '000.png' for name in COLOURS]
+        code, out, err = self.predict(*files, '--topk', 5)
+        self.assertEqual(code, 0, err)
+        for file, line, name in zip(files, out.splitlines(), COLOURS):
+            path, *top = line.split('  ')
+            self.assertEqual(path, str(file))
+            self.assertEqual(len(top), 3)  # --topk 5, but there are 3 classes
+            classes = [t.split()[0] for t in top]
+            probs = [float(t.split()[1].rstrip('%')) for t in top]
+            self.assertEqual(classes[0], name)
+            self.assertEqual(sorted(classes), sorted(COLOURS))
+            self.assertAlmostEqual(sum(probs), 100, delta=0.2)  # a softmax over the classes
+            self.assertEqual(probs, sorted(probs, reverse=True))
+
+    def test_large_sets_go_in_chunks(self):
+        model, meta = predict.load_model(self.weights, torch.device('cpu'))
+        files = predict.image_files([self.data / 'test'])
+        amp = speed.choose_precision('auto', torch.device('cpu'))
+        whole = list(predict.probabilities(files, model, meta, torch.device('cpu'), amp))
+        chunks = list(predict.probabilities(files, model, meta, torch.device('cpu'), amp,
+                                            chunk=7, workers=1))
+        self.assertEqual(len(whole), 30)
+        for a, b in zip(whole, chunks):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+    def test_errors_are_one_sentence(self):
+        tmp = Path(tempfile.mkdtemp(dir=self.tmp.name))
+        image = self.data / 'test' / 'red' / '000.png'
+        cases = [((image, '--weights', tmp / 'missing.pth'), 'no weight file'),
+                 ((tmp / 'nowhere.png', '--weights', self.weights), 'neither an image'),
+                 ((Path(tempfile.mkdtemp(dir=tmp)), '--weights', self.weights),
+                  'holds no images')]
+        no_json = tmp / 'no_json.pth'
+        shutil.copy(self.weights, no_json)
+        cases.append(((image, '--weights', no_json), 'no readable no_json.json'))
+        other = tmp / 'other.pth'
+        shutil.copy(self.weights, other)
+        meta = json.loads(self.weights.with_suffix('.json').read_text())
+        other.with_suffix('.json').write_text(json.dumps({**meta, 'model': 'resnet34'}))
+        cases.append(((image, '--weights', other), 'does not fit the resnet34 --small-input'))
+        broken = tmp / 'broken.jpg'
+        broken.write_bytes(b'not a jpeg')
+        cases.append(((image, broken, '--weights', self.weights),
+                      'broken.jpg is not a readable image'))
+        for argv, text in cases:
+            code, _, err = run_predict(*argv, '--device', 'cpu')
+            self.assertEqual((code, err.count('\n')), (2, 1), err)
+            self.assertIn(text, err)
+
+
+if __name__ == '__main__':
+    unittest.main()
