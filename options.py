@@ -59,7 +59,8 @@ def build_parser():
                    help='passes over the training set (default: %(default)s)')
     p.add_argument('--batch-size', type=positive(int), default=None,
                    help=f'images per step (default: {config.BATCH_SIZE}; '
-                        f'{config.SMALL_INPUT_BATCH_SIZE} with --small-input)')
+                        f'{config.SMALL_INPUT_BATCH_SIZE} with --small-input; '
+                        f'{config.ALEXNET_BATCH_SIZE} for alexnet)')
     p.add_argument('--lr', type=positive(float), default=None,
                    help=f'peak learning rate (default: {config.LR}; {config.ALEXNET_LR} for '
                         f'alexnet; {config.ARTICLE_LR} for the article\'s recipe)')
@@ -110,7 +111,9 @@ def build_parser():
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     # Defaults that depend on other arguments; an explicit value always wins.
-    if args.batch_size is None:
+    if args.batch_size is None and args.model == 'alexnet':
+        args.batch_size = config.ALEXNET_BATCH_SIZE
+    elif args.batch_size is None:
         args.batch_size = config.SMALL_INPUT_BATCH_SIZE if args.small_input else config.BATCH_SIZE
     if args.graph_whole_step is None:
         args.graph_whole_step = config.GRAPH_WHOLE_STEP and args.cuda_graphs

@@ -196,7 +196,8 @@ def resume(trainer, ckpt, args, files):
                          f'--batch-size {ckpt["batch_size"]} --precision {precision} '
                          f'--model {was["model"]}'
                          f'{" --small-input" if was["small_input"] else ""} --image-size '
-                         f'{was["image_size"]}); resume it with the same arguments')
+                         f'{was["image_size"]} --recipe {was.get("recipe", "fixed")}); resume it '
+                         f'with the same arguments')
     trainer.model.load_state_dict(ckpt['model'])
     load_optimizer_state(trainer.optimizer, ckpt['optimizer'])
     trainer.scheduler.load_state_dict(ckpt['scheduler'])

@@ -222,6 +222,10 @@ class TrainTest(unittest.TestCase):
         # --small-input trains at batch 256 (README, Results), the ImageNet stem at 512; an
         # explicit --batch-size wins either way.
         self.assertEqual(options.parse_args([]).batch_size, config.BATCH_SIZE)
+        alexnet = options.parse_args(['--model', 'alexnet'])  # measured: RESULTS.md
+        self.assertEqual((alexnet.batch_size, alexnet.lr), (128, 0.02))
+        self.assertEqual(options.parse_args(['--model', 'alexnet', '--batch-size', '64',
+                                             '--lr', '0.01']).batch_size, 64)
         self.assertEqual(options.parse_args(['--small-input']).batch_size,
                          config.SMALL_INPUT_BATCH_SIZE)
         self.assertEqual(config.SMALL_INPUT_BATCH_SIZE, 256)
