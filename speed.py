@@ -1,6 +1,6 @@
 """What exists only to make training fast on a device; a learner can skip this file.
 
-train.py works without any of it: it would train to the same accuracy, only slower. Here are the
+Without it, training would reach about the same accuracy, only more slowly. Here are the
 precision and memory-format choice, a CPU route for convolutions with a one-pixel output, and
 the CUDA graphs that replay a whole training step at once.
 """

@@ -74,15 +74,21 @@ def make_colour_folder(root, n_train=16, n_test=10, size=8, seed=0):
     return root
 
 
-def run_main(*argv):
-    """train.main(argv) with stdout and stderr captured: (exit code, stdout, stderr)."""
+def run_cli(main, *argv):
+    """main(argv) of a script (train.py, predict.py) with stdout and stderr captured:
+    (exit code, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            code = train.main([str(a) for a in argv])
+            code = main([str(a) for a in argv])
         except SystemExit as e:  # argparse
             code = e.code
     return code, out.getvalue(), err.getvalue()
+
+
+def run_main(*argv):
+    """train.main(argv), captured (see run_cli)."""
+    return run_cli(train.main, *argv)
 
 
 class EagerGraphedStep(speed.GraphedStep):

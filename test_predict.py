@@ -1,6 +1,4 @@
 """Tests for predict.py: train on a small generated colour folder, then classify its images."""
-import contextlib
-import io
 import json
 import re
 import shutil
@@ -12,18 +10,11 @@ import torch
 
 import predict
 import speed
-from test_helpers import COLOURS, make_colour_folder, run_main
+from test_helpers import COLOURS, make_colour_folder, run_cli, run_main
 
 
 def run_predict(*argv):
-    """predict.main(argv) with stdout and stderr captured: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = predict.main([str(a) for a in argv])
-        except SystemExit as e:  # argparse
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
+    return run_cli(predict.main, *argv)
 
 
 class PredictTest(unittest.TestCase):
