@@ -24,6 +24,7 @@ SMALL_INPUT_BATCH_SIZE = 256  # images per step with --small-input (README, Resu
 LR = 0.2                      # peak learning rate (SGD); the article used 0.001 with no schedule
 ALEXNET_BATCH_SIZE = 128      # images per step for --model alexnet (RESULTS.md: why)
 ALEXNET_LR = 0.02             # its peak lr: AlexNet has no BatchNorm to tame a large one
+RESNET50_BATCH_SIZE = 128     # images per step for --model resnet50 (RESULTS.md: why)
 WARMUP = 0.2                  # fraction of the steps spent rising linearly to the peak lr
 MOMENTUM = 0.9                # SGD momentum (Nesterov)
 WEIGHT_DECAY = 5e-4           # L2 penalty on every parameter

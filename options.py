@@ -60,7 +60,8 @@ def build_parser():
     p.add_argument('--batch-size', type=positive(int), default=None,
                    help=f'images per step (default: {config.BATCH_SIZE}; '
                         f'{config.SMALL_INPUT_BATCH_SIZE} with --small-input; '
-                        f'{config.ALEXNET_BATCH_SIZE} for alexnet)')
+                        f'{config.ALEXNET_BATCH_SIZE} for alexnet, {config.RESNET50_BATCH_SIZE} '
+                        f'for resnet50)')
     p.add_argument('--lr', type=positive(float), default=None,
                    help=f'peak learning rate (default: {config.LR}; {config.ALEXNET_LR} for '
                         f'alexnet; {config.ARTICLE_LR} for the article\'s recipe)')
@@ -113,6 +114,8 @@ def parse_args(argv=None):
     # Defaults that depend on other arguments; an explicit value always wins.
     if args.batch_size is None and args.model == 'alexnet':
         args.batch_size = config.ALEXNET_BATCH_SIZE
+    elif args.batch_size is None and args.model == 'resnet50':
+        args.batch_size = config.RESNET50_BATCH_SIZE
     elif args.batch_size is None:
         args.batch_size = config.SMALL_INPUT_BATCH_SIZE if args.small_input else config.BATCH_SIZE
     if args.graph_whole_step is None:

@@ -226,6 +226,11 @@ class TrainTest(unittest.TestCase):
         self.assertEqual((alexnet.batch_size, alexnet.lr), (128, 0.02))
         self.assertEqual(options.parse_args(['--model', 'alexnet', '--batch-size', '64',
                                              '--lr', '0.01']).batch_size, 64)
+        resnet50 = options.parse_args(['--model', 'resnet50'])  # measured: RESULTS.md
+        self.assertEqual((resnet50.batch_size, resnet50.lr), (128, config.LR))
+        self.assertEqual(options.parse_args(['--model', 'resnet50', '--small-input']).batch_size,
+                         128)
+        self.assertEqual(options.parse_args(['--model', 'resnet34']).batch_size, 512)
         self.assertEqual(options.parse_args(['--small-input']).batch_size,
                          config.SMALL_INPUT_BATCH_SIZE)
         self.assertEqual(config.SMALL_INPUT_BATCH_SIZE, 256)
