@@ -219,8 +219,8 @@ class TrainTest(unittest.TestCase):
             self.assertEqual(options.parse_args(['--model', name]).model, name)
 
     def test_defaults_that_depend_on_other_arguments(self):
-        # --small-input trains at batch 256 (README, Results), the ImageNet stem at 512; an
-        # explicit --batch-size wins either way.
+        # --small-input trains at batch 256 (README, Results), the ImageNet stem at 512, AlexNet
+        # and ResNet50 at 128 (RESULTS.md); an explicit --batch-size wins every time.
         self.assertEqual(options.parse_args([]).batch_size, config.BATCH_SIZE)
         alexnet = options.parse_args(['--model', 'alexnet'])  # measured: RESULTS.md
         self.assertEqual((alexnet.batch_size, alexnet.lr), (128, 0.02))
