@@ -27,6 +27,7 @@ import options
 import saving
 import speed
 import train
+from errors import UsageError
 from resnet import ResNet18
 
 
@@ -216,7 +217,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--quick', action='store_true',
                    help='small batches, one step, no warm-up: a smoke test')
-    p.add_argument('--device', choices=['auto', 'cpu', 'cuda', 'mps'], default='auto')
+    options.add_device_argument(p)
     p.add_argument('--steps', type=options.positive(int), default=None,
                    help='steps per timed repeat (default: 1 quick, 3 on CPU, 50 on CUDA; '
                         'a fifth of that for the article\'s network on CUDA)')
@@ -225,8 +226,8 @@ def main(argv=None):
     p.add_argument('--json', metavar='PATH', help='also write the results as JSON')
     args = p.parse_args(argv)
     try:
-        device = train.pick_device(args.device)
-    except data.UsageError as e:
+        device = options.pick_device(args.device)
+    except UsageError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     if device.type == 'cuda':

@@ -7,14 +7,15 @@ ResNet18 reach about 84% on 32 px CIFAR-10 in 30 epochs (README, Results).
 # Data
 DATA_ROOT = './data'          # where CIFAR-10 is downloaded (or cifar-10-python.tar.gz is placed)
 DATA_DIR = None               # an ImageFolder tree (DIR/train, DIR/test) instead of CIFAR-10
+STREAM = False                # decode the folder every epoch, not once (automatic if it won't fit)
 IMAGE_SIZE = 32               # px fed to the model; the article resized to 224 (10x the compute)
 CROP_PADDING = 4              # random crop: reflect-pad by this many px, crop back to size
-NUM_WORKERS = 0               # processes that decode an image folder; 0 means one per CPU core
+NUM_WORKERS = 0               # processes that decode an image folder; 0: one per CPU core
 
 # Model
-MODELS = ('alexnet', 'resnet18', 'resnet34', 'resnet50')  # the networks --model offers
 MODEL = 'resnet18'            # the network to train
 SMALL_INPUT = False           # ResNet stem for small images: 3x3/1 conv, no max-pool
+PLAIN = False                 # build the ResNet without its shortcuts (the paper's plain net)
 
 # Optimisation: the fixed recipe (--recipe fixed, the default)
 RECIPE = 'fixed'              # fixed | article | article+FIX+...: README, "What each fix buys"
@@ -22,14 +23,21 @@ NUM_EPOCHS = 30               # passes over the training set
 BATCH_SIZE = 512              # images per step
 SMALL_INPUT_BATCH_SIZE = 256  # images per step with --small-input (README, Results: why)
 LR = 0.2                      # peak learning rate (SGD); the article used 0.001 with no schedule
-ALEXNET_BATCH_SIZE = 128      # images per step for --model alexnet (RESULTS.md: why)
-ALEXNET_LR = 0.02             # its peak lr: AlexNet has no BatchNorm to tame a large one
-RESNET50_BATCH_SIZE = 128     # images per step for --model resnet50 (RESULTS.md: why)
 WARMUP = 0.2                  # fraction of the steps spent rising linearly to the peak lr
 MOMENTUM = 0.9                # SGD momentum (Nesterov)
 WEIGHT_DECAY = 5e-4           # L2 penalty on every parameter
 LABEL_SMOOTHING = 0.1         # soften the one-hot targets of the loss
-EVAL_BATCH_SIZE = 1024        # images per step when evaluating
+EVAL_BATCH_SIZE = 1024        # images per step when evaluating (at most twice --batch-size)
+# Per-model defaults, where a network trains better with its own (RESULTS.md holds the runs that
+# chose them); what a model leaves out comes from the values above.
+CIFAR_NET_DEFAULTS = {'batch_size': 128, 'lr': 0.1}  # the paper's batch and lr
+MODEL_DEFAULTS = {
+    'alexnet': {'batch_size': 128, 'lr': 0.02},  # no BatchNorm to tame a large lr
+    'resnet50': {'batch_size': 128},             # at 512 its first epochs overshoot
+    'resnet20': CIFAR_NET_DEFAULTS, 'resnet32': CIFAR_NET_DEFAULTS,
+    'resnet44': CIFAR_NET_DEFAULTS, 'resnet56': CIFAR_NET_DEFAULTS,
+    'resnet110': CIFAR_NET_DEFAULTS,
+}
 # The article's recipe (--recipe article): SGD at a constant lr, no normalisation, no augmentation
 ARTICLE_LR = 0.001            # the article's lr, with momentum 0.9 and no schedule
 ARTICLE_WEIGHT_DECAY = 1e-4   # the article's L2 penalty

@@ -14,19 +14,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 import config
+from errors import UsageError
 
 CIFAR10_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
 # The file types of torchvision's ImageFolder, listed here so that an image folder is read
 # without importing torchvision (about 3 s of start-up on 2 CPU cores).
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 MEMORY_HEADROOM = 2**30  # bytes of RAM (and GPU memory) kept for the model beside the images
-
-
-class UsageError(Exception):
-    """A problem the user can fix (arguments, data, files): one sentence, exit code 2."""
 
 
 def load_cifar10(root):
@@ -52,35 +49,55 @@ def _class_names(split_dir):
     return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith('.'))
 
 
+def find_images(folder):
+    """The image files under folder, at any depth, as sorted path strings (hidden files and
+    other file types left out)."""
+    found = []
+    for parent, _, names in os.walk(folder):  # 3x faster than Path.rglob
+        found += [os.path.join(parent, n) for n in names if not n.startswith('.')
+                  and os.path.splitext(n)[1].lower() in IMG_EXTENSIONS]
+    return sorted(found)
+
+
 def _list_images(split_dir, classes):
-    """Image paths (str) under split_dir/<class>/, any depth, sorted within each class."""
+    """Image paths under split_dir/<class>/, class by class, and their labels."""
     files, labels = [], []
     for label, name in enumerate(classes):
-        found = []
-        for folder, _, names in os.walk(split_dir / name):  # 3x faster than Path.rglob
-            found += [os.path.join(folder, n) for n in names if not n.startswith('.')
-                      and os.path.splitext(n)[1].lower() in IMG_EXTENSIONS]
-        found.sort()
+        found = find_images(split_dir / name)
         files += found
         labels += [label] * len(found)
     return files, labels
 
 
+def decode_image(path, size):
+    """One image file as a (size, size, 3) uint8 array: upright, RGB, resized. Every path that
+    reads an image file (in memory, streaming, predict.py) reads it through here."""
+    with Image.open(path) as img:
+        img.draft('RGB', (size, size))  # a large JPEG decodes at 1/2 to 1/8 scale: faster
+        # A phone stores a portrait photo as landscape pixels and an EXIF orientation tag,
+        # which PIL does not apply by itself.
+        img = ImageOps.exif_transpose(img)
+        if img.mode != 'RGB':
+            img = img.convert('RGB')  # grayscale, palette, RGBA, CMYK -> RGB
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.BILINEAR)
+        return np.array(img, dtype=np.uint8)  # a writable copy, which torch can take
+
+
+def unreadable(path, e):
+    return f'{path} is not a readable image ({type(e).__name__}: {e}); remove or replace it'
+
+
 def _decode(job):
-    """Read images as RGB, resized to size x size, into one (n, size, size, 3) uint8 array, or
-    return the sentence naming the first unreadable file. Runs in a worker process."""
+    """Decode images into one (n, size, size, 3) uint8 array, or return the sentence naming
+    the first unreadable file. Runs in a worker process."""
     paths, size = job
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     for i, path in enumerate(paths):
         try:
-            with Image.open(path) as img:
-                if img.mode != 'RGB':
-                    img = img.convert('RGB')  # grayscale, palette, RGBA, CMYK -> RGB
-                if img.size != (size, size):
-                    img = img.resize((size, size), Image.BILINEAR)
-                out[i] = np.asarray(img, dtype=np.uint8)
+            out[i] = decode_image(path, size)
         except Exception as e:
-            return f'{path} is not a readable image ({type(e).__name__}: {e})'
+            return unreadable(path, e)
     return out
 
 
@@ -98,14 +115,38 @@ def decode_images(files, size, workers, chunk=500):
             decoded = map(_decode, jobs)
         for i, arr in zip(range(0, len(files), chunk), decoded):
             if isinstance(arr, str):
-                raise UsageError(f'{arr}; remove or replace it')
+                raise UsageError(arr)
             out[i:i + len(arr)] = torch.from_numpy(arr).permute(0, 3, 1, 2)  # (n, H, W, C)
     return out
 
 
-def load_image_folder(root, image_size, workers=0, need_train=True, device=None):
-    """An ImageFolder tree: root/train/<class>/* and root/test/<class>/* (or root/val), to
-    be held on `device` (checked to fit before decoding)."""
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files, decoded one by one when asked (in a DataLoader's worker processes): what
+    the article's torchvision ImageFolder does, over the same file list as the in-memory path,
+    so that both read the same images in the same order."""
+
+    def __init__(self, files, size):
+        self.files, self.size = files, size
+
+    def __len__(self):
+        return len(self.files)
+
+    @property
+    def shape(self):  # as the tensor of the decoded images would have it
+        return (len(self.files), 3, self.size, self.size)
+
+    def __getitem__(self, i):
+        try:
+            arr = decode_image(self.files[i], self.size)
+        except Exception as e:
+            raise UsageError(unreadable(self.files[i], e)) from None
+        return torch.from_numpy(arr).permute(2, 0, 1)  # (3, size, size) uint8
+
+
+def list_image_folder(root, need_train=True):
+    """The files of an ImageFolder tree, root/train/<class>/* and root/test/<class>/* (or
+    root/val), checked: (train files, train labels, test files, test labels, class names).
+    The train lists are empty unless need_train."""
     root = Path(root)
     if not root.is_dir():
         raise UsageError(f'data folder {root} does not exist')
@@ -117,57 +158,76 @@ def load_image_folder(root, image_size, workers=0, need_train=True, device=None)
     classes, test_classes = _class_names(train_dir), _class_names(test_dir)
     if not classes:
         raise UsageError(f'{train_dir} has no class folders; put each class in its own folder')
+    if len(classes) == 1:
+        raise UsageError(f'{train_dir} has one class folder ({classes[0]}), and a classifier '
+                         f'needs at least two; add a folder of images for each other class')
     if classes != test_classes:
         only_train = sorted(set(classes) - set(test_classes))
         only_test = sorted(set(test_classes) - set(classes))
         raise UsageError(f'the class folders of {train_dir} and {test_dir} differ '
                          f'(only in train: {only_train}, only in test: {only_test})')
-    train_files, train_labels = _list_images(train_dir, classes)
+    train_files, train_labels = _list_images(train_dir, classes) if need_train else ([], [])
     test_files, test_labels = _list_images(test_dir, classes)
-    empty = sorted(set(range(len(classes))) - set(train_labels))
+    empty = sorted(set(range(len(classes))) - set(train_labels)) if need_train else []
     if empty:
         raise UsageError(f'{train_dir / classes[empty[0]]} holds no images '
                          f'(read: {", ".join(IMG_EXTENSIONS)})')
     if not test_files:
         raise UsageError(f'{test_dir} holds no images (read: {", ".join(IMG_EXTENSIONS)})')
+    return train_files, train_labels, test_files, test_labels, classes
 
-    # Small square images (CIFAR's 32 px) are held at their own size and resized per batch on
-    # the device: 224 px training on CIFAR then holds 150 MB, not 7.5 GB. Others are resized
-    # to image_size here, once.
-    try:
-        with Image.open(train_files[0]) as img:
-            w, h = img.size
-    except Exception as e:
-        raise UsageError(f'{train_files[0]} is not a readable image ({type(e).__name__}); '
-                         f'remove or replace it') from None
-    size = w if w == h and w <= image_size else image_size
-    n_images = len(train_files) * need_train + len(test_files)
-    check_memory(n_images, size, device)
 
-    workers = workers or os.cpu_count() or 1
-    print(f'decoding {n_images:,} images from {root} ({workers} processes)...', flush=True)
-    # One pool (one start of `workers` processes) for both splits.
-    images = decode_images((train_files if need_train else []) + test_files, size, workers)
-    train_x = images[:len(train_files)] if need_train else None
-    test_x = images[len(images) - len(test_files):]
+def load_image_folder(root, image_size, workers=0, need_train=True, device=None, stream=False):
+    """An ImageFolder tree (list_image_folder): the train and test images (train None unless
+    need_train), their labels and the class names. The images are one uint8 tensor each,
+    decoded now, or, with stream or when they would not fit in memory (on `device`),
+    ImageFiles to decode batch by batch."""
+    train_files, train_labels, test_files, test_labels, classes = list_image_folder(
+        root, need_train)
+    size = held_size(train_files[0] if need_train else test_files[0], image_size)
+    files = train_files + test_files
+    why_not = memory_shortfall(len(files), size, device)
+    if stream or why_not:
+        print(f'streaming {len(files):,} images from {root}: '
+              f'{why_not or "--stream asks for it"}; decoded in every epoch', flush=True)
+        train_x = ImageFiles(train_files, size) if need_train else None
+        test_x = ImageFiles(test_files, size)
+    else:
+        workers = workers or os.cpu_count() or 1
+        print(f'decoding {len(files):,} images from {root} ({workers} processes)...', flush=True)
+        # One pool (one start of `workers` processes) for both splits.
+        images = decode_images(files, size, workers)
+        train_x = images[:len(train_files)] if need_train else None
+        test_x = images[len(train_files):]
     return train_x, torch.tensor(train_labels), test_x, torch.tensor(test_labels), classes
 
 
-def check_memory(n_images, size, device=None, headroom=MEMORY_HEADROOM):
-    """Stop, before decoding, when the images held as one uint8 tensor would not fit: in the
-    RAM they are decoded into and, on CUDA, in the GPU memory they are copied to. `headroom`
-    bytes are left over for the model and its activations."""
+def held_size(probe, image_size):
+    """The side the images are held (decoded) at. Small square images (CIFAR's 32 px) are
+    held at their own size and resized per batch on the device: 224 px training on CIFAR then
+    holds 150 MB, not 7.5 GB. Others are resized to image_size when decoded."""
+    try:
+        with Image.open(probe) as img:
+            w, h = img.size
+    except Exception as e:
+        raise UsageError(unreadable(probe, e)) from None
+    return w if w == h and w <= image_size else image_size
+
+
+def memory_shortfall(n_images, size, device=None, headroom=MEMORY_HEADROOM):
+    """None when the images, held as one uint8 tensor, fit: in the RAM they are decoded into
+    and, on CUDA, in the GPU memory they are copied to, with `headroom` bytes left over for
+    the model and its activations; otherwise a sentence saying what they need."""
     needed = n_images * 3 * size * size
     free = [('RAM', available_ram())]
     if device is not None and device.type == 'cuda':
         free.append(('GPU memory', torch.cuda.mem_get_info(device)[0]))
     for where, available in free:
         if available is not None and needed + headroom > available:
-            raise UsageError(
-                f'the {n_images:,} images, held at {size}x{size} px, need {needed / 2**30:.1f} GiB '
-                f'of {where}, and {available / 2**30:.1f} GiB is free (of which '
-                f'{headroom / 2**30:.0f} GiB stays for the model); pass a smaller --image-size, '
-                f'or train on fewer images')
+            return (f'held at {size} px they need {needed / 2**30:.1f} GiB of {where}, and '
+                    f'{available / 2**30:.1f} GiB is free (of which {headroom / 2**30:.0f} GiB '
+                    f'stays for the model)')
+    return None
 
 
 def available_ram():
@@ -190,22 +250,40 @@ def available_ram():
     return min(limits)
 
 
-def channel_stats(images, chunk=4096):
-    """Per-channel mean and std (0-1 scale) over every pixel of a uint8 (N, C, H, W) tensor.
+def channel_stats(images, chunk=4096, sample=10_000, workers=1):
+    """Per-channel mean and std (0-1 scale) over every pixel of a uint8 (N, C, H, W) tensor,
+    or, for images to stream (ImageFiles), of a seeded sample of `sample` of them.
 
     This is the std of all pixels together. The 0.2023/0.1994/0.2010 often quoted for CIFAR-10
     is the mean of per-image stds, which is smaller; the true figures are 0.2470/0.2435/0.2616.
     """
-    total = torch.zeros(images.shape[1], dtype=torch.float64)
-    total_sq = torch.zeros_like(total)
-    for i in range(0, len(images), chunk):
-        x = images[i:i + chunk].to(torch.float64) / 255
-        total += x.sum(dim=(0, 2, 3))
-        total_sq += (x * x).sum(dim=(0, 2, 3))
-    n = images.numel() / images.shape[1]
+    if isinstance(images, ImageFiles):
+        picked = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+        files = [images.files[i] for i in sorted(picked[:sample].tolist())]
+        parts = (decode_images(files[i:i + chunk], images.size, workers)
+                 for i in range(0, len(files), chunk))
+    else:
+        parts = (images[i:i + chunk] for i in range(0, len(images), chunk))
+    total, total_sq, n = 0, 0, 0
+    for part in parts:
+        x = part.to(torch.float64) / 255
+        total = total + x.sum(dim=(0, 2, 3))
+        total_sq = total_sq + (x * x).sum(dim=(0, 2, 3))
+        n += x.numel() / x.shape[1]
     mean = total / n
     std = (total_sq / n - mean ** 2).clamp_min(1e-12).sqrt()
     return mean.tolist(), std.tolist()
+
+
+def make_loader(images, labels, batch_size, mean, std, image_size, train, device,
+                workers=0, **kwargs):
+    """The loader of a data set: TensorLoader for a uint8 tensor (moved to device), or
+    StreamLoader for ImageFiles. Both batch, crop, flip and normalise alike."""
+    if isinstance(images, ImageFiles):
+        return StreamLoader(images, labels, batch_size, mean, std, image_size, train, device,
+                            workers=workers, **kwargs)
+    return TensorLoader(images.to(device), labels, batch_size, mean, std, image_size, train,
+                        **kwargs)
 
 
 class TensorLoader:
@@ -220,23 +298,25 @@ class TensorLoader:
 
     def __init__(self, images, labels, batch_size, mean, std, image_size, train,
                  seed=0, padding=config.CROP_PADDING, memory_format=torch.contiguous_format,
-                 augment=True):
+                 augment=True, device=None):
         self.images = images                    # (N, C, H, W) uint8, on the device
-        self.labels = labels.to(images.device)  # (N,) int64
+        self.device = device or images.device
+        self.labels = labels.to(self.device)    # (N,) int64
         self.batch_size = batch_size
         self.image_size = image_size
         self.train = train
         self.augment = augment
         self.seed = seed
         self.epoch = 0
-        self.padding = min(padding, images.shape[-1] - 1, images.shape[-2] - 1)
+        h, w = images.shape[-2:]
+        self.padding = min(padding, h - 1, w - 1)
         self.memory_format = memory_format
         # On the CPU, resize the uint8 channels-last batch (about 15x faster there than resizing
         # floats); elsewhere resize after the float conversion (GPUs resize floats only).
-        self.resize_uint8 = images.device.type == 'cpu'
+        self.resize_uint8 = self.device.type == 'cpu'
         # x_norm = (x / 255 - mean) / std  ==  x * scale - shift
-        std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-        mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.scale = 1 / (255 * std_t)
         self.shift = mean_t / std_t
 
@@ -250,47 +330,46 @@ class TensorLoader:
         return math.ceil(n / b)
 
     def __iter__(self):
-        device = self.images.device
-        labels = self.labels
-        if self.train:
-            # One generator per (seed, epoch): the same run gives the same batches, resumed too.
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            n = len(self.images)
-            order = torch.randperm(n, generator=g).to(device)
-            if self.augment:
-                shift = torch.randint(0, 2 * self.padding + 1, (n, 2), generator=g).to(device)
-                flip = (torch.rand(n, generator=g) < 0.5).to(device)
-            else:  # every window centred (no shift), none flipped
-                shift = torch.full((n, 2), self.padding, device=device)
-                flip = torch.zeros(n, dtype=torch.bool, device=device)
-            # The whole epoch's crop windows and labels at once, in batch order: a batch is then
-            # slices of these, one gather and the normalisation (4 kernels; 23 when each batch
-            # worked out its own windows, which on a GPU cost a fifth of a CUDA-graphed step).
-            rows, cols = self._crop_windows(shift[order], flip[order])
-            labels = labels[order]
+        order, labels, rows, cols = self._plan()
         b = self.batch_size
         for i in range(len(self)):
             batch = slice(i * b, (i + 1) * b)
             if self.train:
-                x = self._gather(order[batch], rows[batch], cols[batch])
+                x = _gather(self.images, order[batch], rows[batch], cols[batch])
             else:
                 x = self.images[batch]
             yield self._finish(x), labels[batch]
+
+    def _plan(self):
+        """The epoch's order of the images, their labels in that order, and the rows and
+        columns each one's crop reads (None outside training, which keeps the order). One
+        generator per (seed, epoch): the same run gives the same batches, resumed too."""
+        n, device = len(self.images), self.device
+        if not self.train:
+            return torch.arange(n, device=device), self.labels, None, None
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(n, generator=g).to(device)
+        if self.augment:
+            shift = torch.randint(0, 2 * self.padding + 1, (n, 2), generator=g).to(device)
+            flip = (torch.rand(n, generator=g) < 0.5).to(device)
+        else:  # every window centred (no shift), none flipped
+            shift = torch.full((n, 2), self.padding, device=device)
+            flip = torch.zeros(n, dtype=torch.bool, device=device)
+        # The whole epoch's crop windows at once, in batch order: a batch is then slices of
+        # these, one gather and the normalisation (4 kernels; 23 when each batch worked out its
+        # own windows, which on a GPU cost a fifth of a CUDA-graphed step).
+        rows, cols = self._crop_windows(shift[order], flip[order])
+        return order, self.labels[order], rows, cols
 
     def _crop_windows(self, shift, flip):
         """The rows (B, H) and columns (B, W) that each sample's random crop reads: a window
         shifted by `shift` - padding in the reflect-padded image, its columns reversed where
         `flip` is set."""
-        _, _, h, w = self.images.shape
+        h, w = self.images.shape[-2:]
         p = self.padding
         rows = _reflect(shift[:, :1] + torch.arange(h, device=shift.device) - p, h)
         cols = _reflect(shift[:, 1:] + torch.arange(w, device=shift.device) - p, w)
         return rows, torch.where(flip[:, None], cols.flip(1), cols)
-
-    def _gather(self, idx, rows, cols):
-        """Images idx, each cropped to its rows and columns, as one gather from the uint8 set."""
-        x = self.images[idx[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
-        return x.permute(0, 3, 1, 2)  # (B, C, H, W), stored channels-last
 
     def _finish(self, x):
         """uint8 -> resized to image_size, normalised float, in the model's memory format."""
@@ -301,6 +380,79 @@ class TensorLoader:
         if x.shape[-2:] != size:
             x = _resize(x, size)
         return x.contiguous(memory_format=self.memory_format)
+
+
+class StreamLoader(TensorLoader):
+    """TensorLoader's batches, for images that are not held in memory: each epoch, DataLoader
+    worker processes decode the images (ImageFiles) batch by batch, in the epoch's order, and
+    the crop, flip and normalisation run on the device as in TensorLoader.
+
+    The article's answer for data of any size: torch.utils.data.DataLoader. Here the order and
+    each sample's crop come from TensorLoader's plan, so both loaders give the same batches.
+    """
+
+    def __init__(self, images, labels, batch_size, mean, std, image_size, train, device,
+                 workers=0, **kwargs):
+        super().__init__(images, labels, batch_size, mean, std, image_size, train,
+                         device=device, **kwargs)
+        workers = workers or os.cpu_count() or 1
+        self.workers = workers if workers > 1 else 0  # 1: decode in this process
+        self.batches = _EpochBatches(batch_size, len(self))
+        self.loader = torch.utils.data.DataLoader(
+            images, batch_sampler=self.batches, num_workers=self.workers,
+            persistent_workers=self.workers > 0, pin_memory=device.type == 'cuda')
+
+    def __iter__(self):
+        order, labels, rows, cols = self._plan()
+        self.batches.order = order.tolist()
+        b = self.batch_size
+        try:
+            for i, x in enumerate(self.loader):
+                x = x.to(self.device, non_blocking=True)  # (B, C, H, W) uint8
+                batch = slice(i * b, (i + 1) * b)
+                if self.train:
+                    x = _gather(x, torch.arange(len(x), device=self.device), rows[batch],
+                                cols[batch])
+                yield self._finish(x), labels[batch]
+        except UsageError as e:
+            self.close()
+            message = str(e)
+            if 'Original Traceback' in message:  # raised in a worker, which adds its traceback
+                message = message.strip().splitlines()[-1].split(': ', 1)[-1]
+            raise UsageError(message) from None
+        except (Exception, KeyboardInterrupt):
+            self.close()
+            raise
+
+    def close(self):
+        """Stop the worker processes now. (Left to the garbage collector after an error, their
+        shutdown can wait 5 s for each.)"""
+        iterator = getattr(self.loader, '_iterator', None)
+        if iterator is not None and hasattr(iterator, '_shutdown_workers'):
+            iterator._shutdown_workers()
+            self.loader._iterator = None
+
+
+class _EpochBatches:
+    """The index lists of a StreamLoader's batches, in the order of its current epoch, which
+    the StreamLoader sets before each epoch. (It holds no reference back to the loader: the
+    two would make a cycle that outlives the loader, into the next workers' processes.)"""
+
+    def __init__(self, batch_size, num_batches):
+        self.batch_size, self.num_batches, self.order = batch_size, num_batches, []
+
+    def __len__(self):
+        return self.num_batches
+
+    def __iter__(self):
+        b = self.batch_size
+        return (self.order[i * b:(i + 1) * b] for i in range(self.num_batches))
+
+
+def _gather(images, idx, rows, cols):
+    """Images idx, each cropped to its rows and columns, as one gather from a uint8 set."""
+    x = images[idx[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    return x.permute(0, 3, 1, 2)  # (B, C, H, W), stored channels-last
 
 
 def _resize(x, size):

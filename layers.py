@@ -1,9 +1,12 @@
-"""ResNet's building blocks: conv3x3, conv1x1, BasicBlock, Bottleneck and ResidualLayer.
+"""ResNet's building blocks: conv3x3, conv1x1, BasicBlock, Bottleneck and ResidualLayer, and the
+two shortcuts that match a block's changed shape: a projection or zero padding.
 
 Mirrors the article's "ResNetの実装" section, with plain nn layers as the article and torchvision
 use. Each fix to the article's code is marked with a comment at the spot and listed in the README.
+Every block can be built without its shortcut (shortcut=False): the paper's plain network.
 """
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def conv3x3(in_channels, out_channels, stride=1, groups=1, dilation=1):
@@ -24,7 +27,7 @@ class BasicBlock(nn.Module):
 
     expansion = 1  # out_channels / the width of the 3x3 convs
 
-    def __init__(self, in_channels, out_channels, stride=1, downsample=None):
+    def __init__(self, in_channels, out_channels, stride=1, downsample=None, shortcut=True):
         super().__init__()
         self.conv1 = conv3x3(in_channels, out_channels, stride)  # the stride sits here
         self.bn1 = nn.BatchNorm2d(out_channels)
@@ -32,6 +35,7 @@ class BasicBlock(nn.Module):
         self.conv2 = conv3x3(out_channels, out_channels)
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.downsample = downsample
+        self.shortcut = shortcut  # False: the plain block, H(x) = F(x)
 
     def forward(self, x):
         identity_x = x  # hold input for shortcut connection
@@ -46,7 +50,8 @@ class BasicBlock(nn.Module):
         if self.downsample is not None:
             identity_x = self.downsample(x)
 
-        out += identity_x  # shortcut connection
+        if self.shortcut:
+            out += identity_x  # shortcut connection: H(x) = F(x) + x
         return self.relu(out)
 
 
@@ -59,7 +64,7 @@ class Bottleneck(nn.Module):
 
     expansion = 4  # out_channels / the width of the 3x3 conv
 
-    def __init__(self, in_channels, out_channels, stride=1, downsample=None):
+    def __init__(self, in_channels, out_channels, stride=1, downsample=None, shortcut=True):
         super().__init__()
         width = out_channels // self.expansion
         self.conv1 = conv1x1(in_channels, width)
@@ -70,6 +75,7 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
+        self.shortcut = shortcut  # False: the plain block, H(x) = F(x)
 
     def forward(self, x):
         identity_x = x
@@ -81,30 +87,58 @@ class Bottleneck(nn.Module):
         if self.downsample is not None:
             identity_x = self.downsample(x)
 
-        out += identity_x
+        if self.shortcut:
+            out += identity_x
         return self.relu(out)
+
+
+def projection(in_channels, out_channels, stride):
+    """The shortcut of a block that changes shape, as the article and torchvision build it: a
+    1x1 conv (strided) and BatchNorm. The paper's option B."""
+    return nn.Sequential(conv1x1(in_channels, out_channels, stride), nn.BatchNorm2d(out_channels))
+
+
+class ZeroPadShortcut(nn.Module):
+    """The paper's option A, for its CIFAR-10 networks: an identity shortcut that keeps every
+    `stride`-th pixel and appends zero channels up to out_channels. It has no parameters, so a
+    residual net has exactly the parameters of its plain twin."""
+
+    def __init__(self, in_channels, out_channels, stride):
+        super().__init__()
+        self.stride = stride
+        self.extra_channels = out_channels - in_channels
+
+    def forward(self, x):
+        x = x[:, :, ::self.stride, ::self.stride]             # (B, C_in, H / s, W / s)
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))  # (B, C_out, H / s, W / s)
+
+    def extra_repr(self):
+        return f'stride={self.stride}, extra_channels={self.extra_channels}'
 
 
 class ResidualLayer(nn.Module):
     """One stage of ResNet: num_blocks blocks, the first of which may downsample.
 
     out_channels is what the stage outputs: 64..512 for BasicBlock, 256..2048 for Bottleneck.
+    shortcut builds the first block's shortcut where the shape changes: projection (the
+    article's) or ZeroPadShortcut (the paper's CIFAR nets); None builds the plain stage, whose
+    blocks have no shortcut at all.
     """
 
-    def __init__(self, num_blocks, in_channels, out_channels, block=BasicBlock, stride=1):
+    def __init__(self, num_blocks, in_channels, out_channels, block=BasicBlock, stride=1,
+                 shortcut=projection):
         super().__init__()
         downsample = None
         # The article added the projection only when the channels changed, and always with
         # stride 1, so no stage ever halved the feature map. It is needed exactly when the
         # shortcut's shape differs from the block's output: a stride or a channel change.
-        if stride != 1 or in_channels != out_channels:
-            downsample = nn.Sequential(
-                conv1x1(in_channels, out_channels, stride),
-                nn.BatchNorm2d(out_channels),
-            )
-        self.first_block = block(in_channels, out_channels, stride, downsample=downsample)
+        if shortcut is not None and (stride != 1 or in_channels != out_channels):
+            downsample = shortcut(in_channels, out_channels, stride)
+        residual = shortcut is not None
+        self.first_block = block(in_channels, out_channels, stride, downsample=downsample,
+                                 shortcut=residual)
         # The article built num_blocks more blocks here, so every stage had num_blocks + 1.
-        self.blocks = nn.ModuleList(block(out_channels, out_channels)
+        self.blocks = nn.ModuleList(block(out_channels, out_channels, shortcut=residual)
                                     for _ in range(num_blocks - 1))
 
     def forward(self, x):

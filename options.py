@@ -4,10 +4,29 @@ that turn a bad combination into one sentence.
 import argparse
 import math
 
+import torch
+
 import config
+import resnet
 import speed
 from alexnet import AlexNet
-from data import UsageError
+from errors import UsageError
+
+MODELS = ('alexnet', *resnet.IMAGENET_RESNETS, *resnet.CIFAR_RESNETS)  # what --model offers
+DEVICES = ('auto', 'cpu', 'cuda', 'mps')
+
+# The fixes --recipe adds to the article's recipe, in the order "What each fix buys" adds them.
+# 'fixed' is all of them.
+FIXES = {
+    'norm': "normalise each channel by the training images' mean and std (the article: raw "
+            "[0, 1] pixels)",
+    'augment': 'random crop (reflect-padded) and horizontal flip (the article: none)',
+    'lr': f'a peak lr of {config.LR}, reached by a warm-up and decayed linearly to 0 (the '
+          f'article: a constant {config.ARTICLE_LR})',
+    'decay': f'weight decay {config.WEIGHT_DECAY} (the article: {config.ARTICLE_WEIGHT_DECAY})',
+    'smoothing': f'label smoothing {config.LABEL_SMOOTHING} (the article: none)',
+    'nesterov': 'Nesterov momentum (the article: plain momentum)',
+}
 
 
 def positive(kind, allow_zero=False):
@@ -22,12 +41,6 @@ def positive(kind, allow_zero=False):
                 f'must be {"0 or more" if allow_zero else "positive"}, got {text}')
         return value
     return parse
-
-
-# The fixes --recipe adds to the article's recipe, in the order "What each fix buys" adds them:
-# per-channel normalisation; random crop and flip; peak lr 0.2 with warm-up and decay to 0 and
-# weight decay 5e-4; label smoothing 0.1 and Nesterov momentum. 'fixed' is all four.
-FIXES = ('norm', 'augment', 'schedule', 'smoothing')
 
 
 def recipe(text):
@@ -47,24 +60,56 @@ def fixes_of(recipe):
     return set(FIXES) if recipe == 'fixed' else set(recipe.split('+')[1:])
 
 
+def add_device_argument(parser):
+    parser.add_argument('--device', choices=DEVICES, default=config.DEVICE,
+                        help='auto picks cuda, then mps, then cpu (default: %(default)s)')
+
+
+def pick_device(name):
+    """The torch.device --device names; auto picks cuda, then mps, then cpu."""
+    if name == 'auto':
+        if torch.cuda.is_available():
+            return torch.device('cuda')
+        if torch.backends.mps.is_available():
+            return torch.device('mps')
+        return torch.device('cpu')
+    if name == 'cuda' and not torch.cuda.is_available():
+        raise UsageError('--device cuda was asked for, but torch sees no CUDA GPU here; '
+                         'use --device auto or cpu')
+    if name == 'mps' and not torch.backends.mps.is_available():
+        raise UsageError('--device mps was asked for, but torch sees no Apple GPU here; '
+                         'use --device auto or cpu')
+    return torch.device(name)
+
+
+def per_model(key):
+    """'alexnet 128, resnet50 128, ...': the models with their own default for key."""
+    return ', '.join(f'{name} {d[key]}' for name, d in config.MODEL_DEFAULTS.items() if key in d)
+
+
 def build_parser():
     p = argparse.ArgumentParser(
-        description='Train ResNet18 (or another model) on CIFAR-10 or an image folder.')
+        description='Train ResNet18 (or another model) on CIFAR-10 or an image folder.',
+        epilog='The fixes a --recipe can add to the article\'s: ' + '; '.join(
+            f'{name}: {what}' for name, what in FIXES.items()) + '.')
     p.add_argument('--data', default=config.DATA_DIR, metavar='DIR',
                    help='ImageFolder tree DIR/train/<class>/*, DIR/test/<class>/* '
-                        '(default: CIFAR-10, downloaded into --data-root)')
+                        '(default: CIFAR-10, downloaded into --data-root; with --eval, the '
+                        'data the weights were trained on)')
     p.add_argument('--data-root', default=config.DATA_ROOT, metavar='DIR',
                    help='where CIFAR-10 is downloaded or placed (default: %(default)s)')
+    p.add_argument('--stream', action='store_true', default=config.STREAM,
+                   help='decode the image folder in worker processes every epoch instead of '
+                        'holding it in memory (taken by itself when it does not fit)')
     p.add_argument('--epochs', type=positive(int), default=config.NUM_EPOCHS,
                    help='passes over the training set (default: %(default)s)')
     p.add_argument('--batch-size', type=positive(int), default=None,
                    help=f'images per step (default: {config.BATCH_SIZE}; '
                         f'{config.SMALL_INPUT_BATCH_SIZE} with --small-input; '
-                        f'{config.ALEXNET_BATCH_SIZE} for alexnet, {config.RESNET50_BATCH_SIZE} '
-                        f'for resnet50)')
+                        f'{per_model("batch_size")})')
     p.add_argument('--lr', type=positive(float), default=None,
-                   help=f'peak learning rate (default: {config.LR}; {config.ALEXNET_LR} for '
-                        f'alexnet; {config.ARTICLE_LR} for the article\'s recipe)')
+                   help=f'peak learning rate (default: {config.LR}; {per_model("lr")}; '
+                        f'{config.ARTICLE_LR} for a recipe without the lr fix)')
     p.add_argument('--recipe', type=recipe, default=config.RECIPE,
                    help='how to train: fixed (this repository\'s recipe), article (the '
                         'article\'s: SGD lr 0.001, no schedule, no normalisation, no '
@@ -72,12 +117,18 @@ def build_parser():
                         f'article+norm+augment (fixes: {", ".join(FIXES)}; default: %(default)s)')
     p.add_argument('--image-size', type=positive(int), default=config.IMAGE_SIZE, metavar='PX',
                    help='side of the square images fed to the model (default: %(default)s)')
-    p.add_argument('--model', choices=config.MODELS, default=config.MODEL,
-                   help='network to train (default: %(default)s)')
+    add_model_and_run_arguments(p)
+    return p
+
+
+def add_model_and_run_arguments(p):
+    p.add_argument('--model', choices=MODELS, default=config.MODEL, metavar='MODEL',
+                   help=f'network to train: {", ".join(MODELS)} (default: %(default)s)')
     p.add_argument('--small-input', action='store_true', default=config.SMALL_INPUT,
-                   help='ResNet stem for small images: 3x3/1 conv, no max-pool')
-    p.add_argument('--device', choices=['auto', 'cpu', 'cuda', 'mps'], default=config.DEVICE,
-                   help='auto picks cuda, then mps, then cpu (default: %(default)s)')
+                   help='ResNet18/34/50 stem for small images: 3x3/1 conv, no max-pool')
+    p.add_argument('--plain', action='store_true', default=config.PLAIN,
+                   help='build the ResNet without its shortcuts: the paper\'s plain network')
+    add_device_argument(p)
     p.add_argument('--precision', choices=['auto', *speed.PRECISIONS], default=config.PRECISION,
                    help='number format of the forward and backward; auto: bf16 on CUDA GPUs '
                         'and CPUs that compute it natively, fp16 on older GPUs, else fp32 '
@@ -106,35 +157,35 @@ def build_parser():
     p.add_argument('--save-every', type=positive(float, allow_zero=True),
                    default=config.SAVE_EVERY, metavar='SECONDS',
                    help='seconds between writes of weights and checkpoint (default: %(default)s)')
-    return p
 
 
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     # Defaults that depend on other arguments; an explicit value always wins.
-    if args.batch_size is None and args.model == 'alexnet':
-        args.batch_size = config.ALEXNET_BATCH_SIZE
-    elif args.batch_size is None and args.model == 'resnet50':
-        args.batch_size = config.RESNET50_BATCH_SIZE
-    elif args.batch_size is None:
-        args.batch_size = config.SMALL_INPUT_BATCH_SIZE if args.small_input else config.BATCH_SIZE
+    model = config.MODEL_DEFAULTS.get(args.model, {})
+    if args.batch_size is None:
+        small = config.SMALL_INPUT_BATCH_SIZE if args.small_input else config.BATCH_SIZE
+        args.batch_size = model.get('batch_size', small)
+    if args.lr is None:
+        args.lr = model.get('lr', config.LR) if 'lr' in fixes_of(args.recipe) else config.ARTICLE_LR
     if args.graph_whole_step is None:
         args.graph_whole_step = config.GRAPH_WHOLE_STEP and args.cuda_graphs
-    if args.lr is None and 'schedule' not in fixes_of(args.recipe):
-        args.lr = config.ARTICLE_LR
-    elif args.lr is None:
-        args.lr = config.ALEXNET_LR if args.model == 'alexnet' else config.LR
     return args
 
 
 def check_args(args):
     if args.model == 'alexnet':
-        if args.small_input:
-            raise UsageError('--small-input changes the ResNet stem; AlexNet has no such option')
+        if args.small_input or args.plain:
+            flag = '--small-input changes the ResNet stem' if args.small_input else \
+                '--plain removes the ResNet\'s shortcuts'
+            raise UsageError(f'{flag}; AlexNet has none to change')
         if args.image_size < AlexNet.MIN_INPUT_SIZE:
             raise UsageError(f'--image-size {args.image_size} is too small for AlexNet, which '
                              f'needs at least {AlexNet.MIN_INPUT_SIZE} px; '
                              f'try --image-size {AlexNet.MIN_INPUT_SIZE} or more')
+    if args.model in resnet.CIFAR_RESNETS and args.small_input:
+        raise UsageError(f'--small-input swaps the ImageNet stem for a 3x3 conv, and '
+                         f'{args.model}, a CIFAR-10 network, has that stem already; leave it out')
     if args.resume and args.eval:
         raise UsageError('--resume continues training and --eval trains nothing; pick one')
     if args.graph_whole_step and not args.cuda_graphs:

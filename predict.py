@@ -2,8 +2,9 @@
 
 weight.json, beside weight.pth, says which network the weights are for, its classes, and how
 its images were prepared. Each image is prepared exactly as evaluation prepares the test images:
-read as RGB, resized to the size the training images were held at, then to the size the
-network was fed, and normalised with the training images' mean and std.
+read upright (a photo's EXIF orientation applied) as RGB, resized to the size the training
+images were held at, then to the size the network was fed, and normalised with the training
+images' mean and std.
 
     python predict.py photo.jpg                         # the top 3 classes, with probabilities
     python predict.py my_photos/ --topk 5               # every image in a folder, sorted
@@ -21,7 +22,9 @@ import options
 import saving
 import speed
 import train
-from data import IMG_EXTENSIONS, TensorLoader, UsageError, decode_images
+from data import IMG_EXTENSIONS, ImageFiles, decode_images, find_images, make_loader, \
+    memory_shortfall
+from errors import UsageError
 
 NEEDED = ('model', 'classes', 'image_size', 'mean', 'std')  # what weight.json must say
 
@@ -35,11 +38,12 @@ def load_model(path, device):
         raise UsageError(f'{path} has no readable {path.with_suffix(".json").name} beside it, '
                          f'which says what the weights are and how to prepare an image; keep '
                          f'the one train.py wrote with them')
-    if meta['model'] not in train.MODELS:
+    if meta['model'] not in options.MODELS:
         raise UsageError(f'{path.with_suffix(".json")} names an unknown model {meta["model"]!r}')
-    small_input = meta.get('small_input', False)
-    model = train.build_model(meta['model'], len(meta['classes']), small_input)
-    what = f'the {meta["model"]}{" --small-input" if small_input else ""} its weight.json names'
+    small_input, plain = meta.get('small_input', False), meta.get('plain', False)
+    model = train.build_model(meta['model'], len(meta['classes']), small_input, plain)
+    what = (f'the {meta["model"]}{" --small-input" * small_input}{" --plain" * plain} its '
+            f'weight.json names')
     saving.load_into(model, state, path, what, advice='retrain, or put back the weight.json '
                                                       'that was written with them')
     return speed.prepare_model(model, device).eval(), meta
@@ -52,9 +56,7 @@ def image_files(paths):
         if path.is_file():
             files.append(str(path))
         elif path.is_dir():
-            found = sorted(os.path.join(folder, n) for folder, _, names in os.walk(path)
-                           for n in names if os.path.splitext(n)[1].lower() in IMG_EXTENSIONS
-                           and not n.startswith('.'))
+            found = find_images(path)
             if not found:
                 raise UsageError(f'{path} holds no images (read: {", ".join(IMG_EXTENSIONS)})')
             files += found
@@ -64,20 +66,23 @@ def image_files(paths):
 
 
 @torch.no_grad()
-def probabilities(files, model, meta, device, amp_dtype, chunk=4096, workers=0):
-    """Yield each file's class probabilities, (num_classes,), decoding `chunk` files at a time."""
+def probabilities(files, model, meta, device, amp_dtype, workers=0, stream=None):
+    """Yield each file's class probabilities, (num_classes,). The images are decoded at once
+    or, when they would not fit in memory (or stream=True), batch by batch as train.py streams
+    its test images."""
     held = meta.get('held_size', meta['image_size'])
-    for i in range(0, len(files), chunk):
-        images = decode_images(files[i:i + chunk], held, workers or os.cpu_count() or 1)
-        loader = TensorLoader(images.to(device), torch.zeros(len(images), dtype=torch.long),
-                              config.EVAL_BATCH_SIZE, meta['mean'], meta['std'],
-                              meta['image_size'], train=False,
-                              memory_format=speed.memory_format(device))
-        for inputs, _ in loader:
-            with speed.autocast(device, amp_dtype):
-                logits = model(inputs)
-            # Over the classes (dim=1): the article's AlexNet took its softmax over the batch.
-            yield from logits.float().softmax(dim=1).cpu()
+    if stream is None:
+        stream = memory_shortfall(len(files), held, device) is not None
+    workers = workers or os.cpu_count() or 1
+    images = ImageFiles(files, held) if stream else decode_images(files, held, workers)
+    loader = make_loader(images, torch.zeros(len(files), dtype=torch.long),
+                         config.EVAL_BATCH_SIZE, meta['mean'], meta['std'], meta['image_size'],
+                         False, device, workers, memory_format=speed.memory_format(device))
+    for inputs, _ in loader:
+        with speed.autocast(device, amp_dtype):
+            logits = model(inputs)
+        # Over the classes (dim=1): the article's AlexNet took its softmax over the batch.
+        yield from logits.float().softmax(dim=1).cpu()
 
 
 def main(argv=None):
@@ -89,11 +94,10 @@ def main(argv=None):
                         '(default: %(default)s)')
     p.add_argument('--topk', type=options.positive(int), default=3,
                    help='how many of the likeliest classes to print (default: %(default)s)')
-    p.add_argument('--device', choices=['auto', 'cpu', 'cuda', 'mps'], default=config.DEVICE,
-                   help='auto picks cuda, then mps, then cpu (default: %(default)s)')
+    options.add_device_argument(p)
     args = p.parse_args(argv)
     try:
-        device = train.pick_device(args.device)
+        device = options.pick_device(args.device)
         model, meta = load_model(args.weights, device)
         files = image_files(args.images)
         amp_dtype = speed.choose_precision('auto', device)

@@ -1,8 +1,20 @@
-"""ResNet18 as in the article's "ResNetの実装", plus ResNet34 and ResNet50.
+"""ResNet18 as in the article's "ResNetの実装", plus ResNet34 and ResNet50, and the paper's
+CIFAR-10 networks, ResNet20 to ResNet110. Each is built with its shortcuts, or without them
+(plain=True): the paper's plain baselines. Run `python resnet.py` for a shape check.
 
-The same networks as torchvision's resnet18/34/50 (layer for layer, parameter for parameter),
-written in the article's style. Run `python resnet.py` for a shape check.
+ResNet18/34/50 are torchvision's networks, layer for layer and parameter for parameter, in the
+article's style and names (from_torchvision maps torchvision's weights onto them). The CIFAR-10
+networks are those of the paper's Section 4.2 (6n+2 layers, option-A shortcuts):
+
+    network     n   layers  parameters (10 classes)  the paper's Table 6
+    ResNet20    3   20        269,722                0.27M
+    ResNet32    5   32        464,154                0.46M
+    ResNet44    7   44        658,586                0.66M
+    ResNet56    9   56        853,018                0.85M
+    ResNet110  18   110     1,727,962                1.7M
 """
+import re
+
 import torch
 import torch.nn as nn
 
@@ -14,13 +26,15 @@ class ResNet(nn.Module):
     """The ResNet skeleton: a stem, four stages of residual blocks, a pool and a classifier.
 
     small_input=True swaps the ImageNet stem (7x7/2 conv + max-pool, which shrinks a 32 px
-    CIFAR image to 8 px before the first block) for a 3x3/1 conv and no pool.
+    CIFAR image to 8 px before the first block) for a 3x3/1 conv and no pool. plain=True builds
+    every block without its shortcut, the projections too: the paper's plain-18 and plain-34.
     """
 
-    def __init__(self, block, num_blocks, num_classes, small_input=False):
+    def __init__(self, block, num_blocks, num_classes, small_input=False, plain=False):
         super().__init__()
         if len(num_blocks) != 4:
             raise ValueError(f'num_blocks needs one count per stage (4), got {num_blocks}')
+        # bias=False: BatchNorm follows with its own shift (the article's conv1 had a bias).
         if small_input:
             self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
             self.maxpool = nn.Identity()
@@ -31,21 +45,15 @@ class ResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
 
         e = block.expansion
+        shortcut = None if plain else layers.projection
         # The article gave every stage stride 1; stages 2-4 must halve the feature map.
-        self.layer1 = layers.ResidualLayer(num_blocks[0], 64, 64 * e, block, stride=1)
-        self.layer2 = layers.ResidualLayer(num_blocks[1], 64 * e, 128 * e, block, stride=2)
-        self.layer3 = layers.ResidualLayer(num_blocks[2], 128 * e, 256 * e, block, stride=2)
-        self.layer4 = layers.ResidualLayer(num_blocks[3], 256 * e, 512 * e, block, stride=2)
+        self.layer1 = layers.ResidualLayer(num_blocks[0], 64, 64 * e, block, 1, shortcut)
+        self.layer2 = layers.ResidualLayer(num_blocks[1], 64 * e, 128 * e, block, 2, shortcut)
+        self.layer3 = layers.ResidualLayer(num_blocks[2], 128 * e, 256 * e, block, 2, shortcut)
+        self.layer4 = layers.ResidualLayer(num_blocks[3], 256 * e, 512 * e, block, 2, shortcut)
         self.avg_pool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512 * e, num_classes)
-
-        # torchvision's initialisation: He (Kaiming) normal for convs, BN as the identity.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x):               # shapes for ResNet18 and a 224 px input
         out = self.conv1(x)             # (B, 64, 112, 112)
@@ -64,25 +72,124 @@ class ResNet(nn.Module):
         return out
 
 
+def init_weights(model):
+    """torchvision's initialisation (the paper's He init): He (Kaiming) normal for the convs,
+    each BatchNorm as the identity."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class ResNet18(ResNet):
     """ResNet18: BasicBlocks, 2 in each of the 4 stages."""
 
-    def __init__(self, num_classes, small_input=False):
-        super().__init__(layers.BasicBlock, [2, 2, 2, 2], num_classes, small_input)
+    def __init__(self, num_classes, small_input=False, plain=False):
+        super().__init__(layers.BasicBlock, [2, 2, 2, 2], num_classes, small_input, plain)
 
 
 class ResNet34(ResNet):
     """ResNet34: BasicBlocks, 3-4-6-3."""
 
-    def __init__(self, num_classes, small_input=False):
-        super().__init__(layers.BasicBlock, [3, 4, 6, 3], num_classes, small_input)
+    def __init__(self, num_classes, small_input=False, plain=False):
+        super().__init__(layers.BasicBlock, [3, 4, 6, 3], num_classes, small_input, plain)
 
 
 class ResNet50(ResNet):
     """ResNet50: Bottlenecks, 3-4-6-3."""
 
-    def __init__(self, num_classes, small_input=False):
-        super().__init__(layers.Bottleneck, [3, 4, 6, 3], num_classes, small_input)
+    def __init__(self, num_classes, small_input=False, plain=False):
+        super().__init__(layers.Bottleneck, [3, 4, 6, 3], num_classes, small_input, plain)
+
+
+class CifarResNet(nn.Module):
+    """The paper's CIFAR-10 ResNet (Section 4.2) of depth 6n+2: a 3x3 conv of 16 filters, three
+    stages of n BasicBlocks at 16, 32 and 64 filters on 32, 16 and 8 px maps, a global average
+    pool and the classifier. Where the width doubles, the shortcut is option A (zero padding),
+    so plain=True (no shortcuts) keeps every parameter.
+    """
+
+    def __init__(self, n, num_classes, plain=False):
+        super().__init__()
+        shortcut = None if plain else layers.ZeroPadShortcut
+        self.conv1 = layers.conv3x3(3, 16)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = layers.ResidualLayer(n, 16, 16, stride=1, shortcut=shortcut)
+        self.layer2 = layers.ResidualLayer(n, 16, 32, stride=2, shortcut=shortcut)
+        self.layer3 = layers.ResidualLayer(n, 32, 64, stride=2, shortcut=shortcut)
+        self.avg_pool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(64, num_classes)
+        init_weights(self)
+
+    def forward(self, x):                           # shapes for a 32 px input
+        out = self.relu(self.bn1(self.conv1(x)))    # (B, 16, 32, 32)
+        out = self.layer1(out)                      # (B, 16, 32, 32)
+        out = self.layer2(out)                      # (B, 32, 16, 16)
+        out = self.layer3(out)                      # (B, 64, 8, 8)
+        out = self.avg_pool(out)                    # (B, 64, 1, 1)
+        out = torch.flatten(out, 1)                 # (B, 64)
+        return self.fc(out)                         # (B, num_classes)
+
+
+class ResNet20(CifarResNet):
+    """The paper's ResNet-20: n = 3."""
+
+    def __init__(self, num_classes, plain=False):
+        super().__init__(3, num_classes, plain)
+
+
+class ResNet32(CifarResNet):
+    """The paper's ResNet-32: n = 5."""
+
+    def __init__(self, num_classes, plain=False):
+        super().__init__(5, num_classes, plain)
+
+
+class ResNet44(CifarResNet):
+    """The paper's ResNet-44: n = 7."""
+
+    def __init__(self, num_classes, plain=False):
+        super().__init__(7, num_classes, plain)
+
+
+class ResNet56(CifarResNet):
+    """The paper's ResNet-56: n = 9."""
+
+    def __init__(self, num_classes, plain=False):
+        super().__init__(9, num_classes, plain)
+
+
+class ResNet110(CifarResNet):
+    """The paper's ResNet-110: n = 18."""
+
+    def __init__(self, num_classes, plain=False):
+        super().__init__(18, num_classes, plain)
+
+
+# The networks train.py --model offers (with AlexNet), by name.
+IMAGENET_RESNETS = {'resnet18': ResNet18, 'resnet34': ResNet34, 'resnet50': ResNet50}
+CIFAR_RESNETS = {'resnet20': ResNet20, 'resnet32': ResNet32, 'resnet44': ResNet44,
+                 'resnet56': ResNet56, 'resnet110': ResNet110}
+
+
+def from_torchvision(state_dict):
+    """torchvision's resnet18/34/50 state_dict with this file's names, for load_state_dict.
+
+    torchvision numbers a stage's blocks (layer1.0, layer1.1, ...); the article names the first
+    one and lists the rest (layer1.first_block, layer1.blocks.0, ...). Every other name is the
+    same.
+    """
+    def rename(key):
+        m = re.match(r'(layer\d)\.(\d+)\.(.*)', key)
+        if m is None:
+            return key
+        stage, index, rest = m.group(1), int(m.group(2)), m.group(3)
+        block = 'first_block' if index == 0 else f'blocks.{index - 1}'
+        return f'{stage}.{block}.{rest}'
+    return {rename(k): v for k, v in state_dict.items()}
 
 
 def count_parameters(model):
@@ -96,6 +203,9 @@ if __name__ == '__main__':
     model.eval()
     with torch.no_grad():
         outputs = model(inputs)
-    # The article's comment said 227 here while its code printed the 224 case.
+    # The article fed 227 px here, while the comment on its print line said 224.
     print(f'{list(inputs.shape)} -> {list(outputs.shape)}')
     print(f'ResNet18: {count_parameters(model):,} parameters')
+    for name, net in CIFAR_RESNETS.items():  # the paper's Table 6, to check against
+        print(f'{net.__name__}: {count_parameters(net(10)):,} parameters '
+              f'({count_parameters(net(10, plain=True)):,} without its shortcuts)')

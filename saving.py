@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from data import UsageError
+from errors import UsageError
 
 
 def atomic_write(path, write):
@@ -186,23 +186,28 @@ def load_optimizer_state(optimizer, state):
         group['foreach'] = optimizer.defaults['foreach']
 
 
-def resume(trainer, ckpt, args, files):
-    """Load an interrupted run's checkpoint into trainer; return its history and next epoch."""
-    precision = ckpt.get('precision', files.info['precision'])  # older checkpoints lack it
-    if ckpt['setup'] != files.setup or ckpt['epochs'] != args.epochs \
-            or ckpt['batch_size'] != args.batch_size or precision != files.info['precision']:
+def check_same_run(ckpt, args, setup, precision):
+    """Stop unless the checkpoint is of the run these arguments describe."""
+    was_precision = ckpt.get('precision', precision)  # older checkpoints lack it
+    if ckpt['setup'] != setup or ckpt['epochs'] != args.epochs \
+            or ckpt['batch_size'] != args.batch_size or was_precision != precision:
         was = ckpt['setup']
-        raise UsageError(f'{files.ckpt} is from another run (--epochs {ckpt["epochs"]} '
-                         f'--batch-size {ckpt["batch_size"]} --precision {precision} '
-                         f'--model {was["model"]}'
-                         f'{" --small-input" if was["small_input"] else ""} --image-size '
+        raise UsageError(f'the checkpoint beside {args.out} is from another run (--epochs '
+                         f'{ckpt["epochs"]} --batch-size {ckpt["batch_size"]} --precision '
+                         f'{was_precision} --model {was["model"]}'
+                         f'{" --small-input" if was["small_input"] else ""}'
+                         f'{" --plain" if was.get("plain") else ""} --image-size '
                          f'{was["image_size"]} --recipe {was.get("recipe", "fixed")}); resume it '
                          f'with the same arguments')
+
+
+def resume(trainer, ckpt, args, files):
+    """Load an interrupted run's checkpoint into trainer; return its history and next epoch."""
     trainer.model.load_state_dict(ckpt['model'])
     load_optimizer_state(trainer.optimizer, ckpt['optimizer'])
     trainer.scheduler.load_state_dict(ckpt['scheduler'])
     trainer.scaler.load_state_dict(ckpt['scaler'])
-    torch.set_rng_state(ckpt['rng'])
+    set_rng_state(ckpt['rng'], trainer.device)
     if ckpt['epoch'] >= args.epochs:
         print(f'{files.ckpt}: that run already finished (epoch {args.epochs} of {args.epochs})')
     else:
@@ -210,10 +215,31 @@ def resume(trainer, ckpt, args, files):
     return ckpt['history'], ckpt['epoch'] + 1
 
 
+def rng_state(device):
+    """The random number generators' states that training draws from (dropout, for one): the
+    CPU's, and the GPU's or the Apple GPU's where it trains there."""
+    state = {'cpu': torch.get_rng_state()}
+    if device.type == 'cuda':
+        state['cuda'] = torch.cuda.get_rng_state(device)
+    elif device.type == 'mps':
+        state['mps'] = torch.mps.get_rng_state()
+    return state
+
+
+def set_rng_state(state, device):
+    if not isinstance(state, dict):  # a checkpoint of before, with the CPU's state alone
+        state = {'cpu': state}
+    torch.set_rng_state(state['cpu'])
+    if device.type == 'cuda' and 'cuda' in state:
+        torch.cuda.set_rng_state(state['cuda'], device)
+    elif device.type == 'mps' and 'mps' in state:
+        torch.mps.set_rng_state(state['mps'])
+
+
 def checkpoint(trainer, epoch, args, files, history):
     """What --resume needs to go on after `epoch` as if the run had never stopped."""
     return {'model': trainer.model.state_dict(), 'optimizer': trainer.optimizer.state_dict(),
             'scheduler': trainer.scheduler.state_dict(), 'scaler': trainer.scaler.state_dict(),
-            'rng': torch.get_rng_state(), 'epoch': epoch, 'epochs': args.epochs,
+            'rng': rng_state(trainer.device), 'epoch': epoch, 'epochs': args.epochs,
             'batch_size': args.batch_size, 'precision': files.info['precision'],
             'setup': files.setup, 'history': history}

@@ -1,5 +1,6 @@
-"""Tests for data.py: decoding, channel statistics and the batched tensor data path that
-replaces the article's per-image PIL transforms."""
+"""Tests for data.py: decoding, channel statistics, the batched tensor data path that
+replaces the article's per-image PIL transforms, and the streaming path for folders too big for
+memory."""
 import tempfile
 import unittest
 from pathlib import Path
@@ -10,6 +11,8 @@ import torch.nn as nn
 from PIL import Image
 
 import data
+from errors import UsageError
+from test_helpers import make_colour_folder
 
 
 class DataPathTest(unittest.TestCase):
@@ -44,29 +47,28 @@ class DataPathTest(unittest.TestCase):
             expected[3] = 200
             self.assertEqual(images[:, :, 1, 1].tolist(), [[v] * 3 for v in expected])
             Path(files[5]).write_bytes(b'not a png')  # in the second of three chunks
-            with self.assertRaisesRegex(data.UsageError, '5.png is not a readable image'):
+            with self.assertRaisesRegex(UsageError, '5.png is not a readable image'):
                 data.decode_images(files, 4, workers=2, chunk=3)
 
     def test_memory_check(self):
-        # ImageNet-1k at 224 px would need 193 GB: stop with what is needed and what is free.
+        # ImageNet-1k at 224 px would need 180 GiB: say what is needed and what is free.
         gib = 2**30
         with mock.patch.object(data, 'available_ram', return_value=64 * gib):
-            data.check_memory(50_000, 32, torch.device('cpu'))  # CIFAR-10: 0.1 GiB
-            with self.assertRaisesRegex(data.UsageError, r'the 1,281,167 images, held at '
-                                        r'224x224 px, need 179.6 GiB of RAM, and 64.0 GiB'):
-                data.check_memory(1_281_167, 224, torch.device('cpu'))
+            self.assertIsNone(data.memory_shortfall(50_000, 32, torch.device('cpu')))  # 0.1 GiB
+            self.assertEqual(data.memory_shortfall(1_281_167, 224, torch.device('cpu')),
+                             'held at 224 px they need 179.6 GiB of RAM, and 64.0 GiB is free '
+                             '(of which 1 GiB stays for the model)')
         # On CUDA the GPU's free memory counts too; where the RAM is unknown (not Linux), only it.
         cuda = torch.device('cuda')
         with mock.patch.object(data, 'available_ram', return_value=None), \
                 mock.patch.object(torch.cuda, 'mem_get_info', return_value=(2 * gib, 16 * gib)):
-            data.check_memory(50_000, 32, cuda)
-            with self.assertRaisesRegex(data.UsageError, 'need 1.1 GiB of GPU memory'):
-                data.check_memory(400_000, 32, cuda)
+            self.assertIsNone(data.memory_shortfall(50_000, 32, cuda))
+            self.assertIn('need 1.1 GiB of GPU memory', data.memory_shortfall(400_000, 32, cuda))
         ram = data.available_ram()
         self.assertTrue(ram is None or ram > 0)
 
-    def test_batches_are_normalised_and_augmented(self):
-        # The article fed raw [0, 1] pixels with no augmentation.
+    def test_batches_are_normalised(self):
+        # The article fed raw [0, 1] pixels.
         g = torch.Generator().manual_seed(0)
         images = torch.randint(0, 256, (64, 3, 8, 8), generator=g, dtype=torch.uint8)
         mean, std = data.channel_stats(images)
@@ -77,14 +79,38 @@ class DataPathTest(unittest.TestCase):
             self.assertAlmostEqual(x[:, c].mean().item(), 0, places=4)
             self.assertAlmostEqual(x[:, c].std(unbiased=False).item(), 1, places=3)
 
-        loader.train = True
-        loader.set_epoch(1)
-        a, _ = next(iter(loader))
-        a_again, _ = next(iter(loader))
-        loader.set_epoch(2)
-        b, _ = next(iter(loader))
-        self.assertTrue(torch.equal(a, a_again))  # same seed and epoch, same batch
-        self.assertFalse(torch.equal(a, b))
+    def test_each_sample_is_cropped_and_flipped_anew_each_epoch(self):
+        # The article fed every image as it is. Iterating the train loader must give each image
+        # a random crop (a shifted window of the reflect-padded image) and a random horizontal
+        # flip, drawn anew each epoch, and the same again for the same seed and epoch.
+        n, p = 64, 2
+        g = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (n, 3, 8, 8), generator=g, dtype=torch.uint8)
+        padded = nn.functional.pad(images.float(), (p, p, p, p), mode='reflect')
+
+        def crops(seed, epoch):
+            """{image: (row shift, column shift, flipped)} of one epoch, read off the samples."""
+            loader = data.TensorLoader(images, torch.arange(n), 16, [0] * 3, [1 / 255] * 3, 8,
+                                       train=True, seed=seed, padding=p)
+            loader.set_epoch(epoch)
+            found = {}
+            for x, y in loader:
+                for sample, i in zip(x, y.tolist()):
+                    found[i] = next((r, c, f) for r in range(2 * p + 1) for c in range(2 * p + 1)
+                                    for f in (False, True) if torch.equal(
+                                        sample, padded[i, :, r:r + 8, c:c + 8].flip(2) if f
+                                        else padded[i, :, r:r + 8, c:c + 8]))
+            return found
+
+        first, again, second = crops(0, 1), crops(0, 1), crops(0, 2)
+        self.assertEqual(first, again)
+        self.assertEqual(sorted(first), list(range(n)))  # every image, once
+        flips = [f for _, _, f in first.values()]
+        shifts = {(r, c) for r, c, _ in first.values()}
+        self.assertTrue(16 < sum(flips) < 48, sum(flips))  # about half are flipped
+        self.assertGreater(len(shifts), 12)  # of the 25 windows, most are drawn
+        self.assertGreater(sum(first[i] != second[i] for i in range(n)), n // 2)
+        self.assertNotEqual(crops(1, 1), first)  # another seed, other crops
 
     def test_no_augmentation_for_the_articles_recipe(self):
         g = torch.Generator().manual_seed(0)
@@ -103,7 +129,7 @@ class DataPathTest(unittest.TestCase):
         no, yes = torch.zeros(4, dtype=torch.bool), torch.ones(4, dtype=torch.bool)
 
         def crop(shift, flip):
-            return loader._gather(idx, *loader._crop_windows(shift, flip))
+            return data._gather(images, idx, *loader._crop_windows(shift, flip))
         self.assertTrue(torch.equal(crop(centre, no), images))
         self.assertTrue(torch.equal(crop(centre, yes), images.flip(3)))
         padded = nn.functional.pad(images.float(), (4, 4, 4, 4), mode='reflect')
@@ -161,3 +187,87 @@ class DataPathTest(unittest.TestCase):
                                    [0.25] * 3, 20, train=False)
         self.assertEqual([tuple(x.shape) for x, _ in loader],
                          [(2, 3, 20, 20), (2, 3, 20, 20), (1, 3, 20, 20)])
+
+
+class StreamTest(unittest.TestCase):
+    """The streaming path: ImageFiles decoded by DataLoader workers, batch by batch."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.root = make_colour_folder(Path(cls.tmp.name, 'colours'), n_train=6, n_test=4)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def both(self, workers=1):
+        """The folder's train split in memory and as files to stream."""
+        loaded = data.load_image_folder(self.root, 8, workers=1)
+        streamed = data.load_image_folder(self.root, 8, workers=1, stream=True)
+        self.assertIsInstance(streamed[0], data.ImageFiles)
+        return loaded, streamed
+
+    def test_both_paths_give_the_same_batches(self):
+        # The same labels in the same order, the same images before augmentation, and, as the
+        # epoch plan is shared, the same crops and flips after it.
+        (images, labels, *_), (files, labels2, *_) = self.both()
+        self.assertTrue(torch.equal(labels, labels2))
+        self.assertEqual(files.shape, tuple(images.shape))
+        cpu = torch.device('cpu')
+        for augment in (False, True):
+            for workers in (1, 2):  # in this process, and in 2 worker processes
+                a = data.make_loader(images, labels, 4, [0.5] * 3, [0.2] * 3, 8, True, cpu,
+                                     augment=augment, seed=3)
+                b = data.make_loader(files, labels, 4, [0.5] * 3, [0.2] * 3, 8, True, cpu,
+                                     workers=workers, augment=augment, seed=3)
+                self.assertIsInstance(b, data.StreamLoader)
+                for epoch in (1, 2):
+                    a.set_epoch(epoch)
+                    b.set_epoch(epoch)
+                    batches = list(zip(a, b))
+                    self.assertEqual(len(batches), len(a))
+                    for (xa, ya), (xb, yb) in batches:
+                        self.assertTrue(torch.equal(xa, xb) and torch.equal(ya, yb))
+        # Evaluation: every image once, in order.
+        a = data.make_loader(images, labels, 4, [0.5] * 3, [0.2] * 3, 8, False, cpu)
+        b = data.make_loader(files, labels, 4, [0.5] * 3, [0.2] * 3, 8, False, cpu)
+        for (xa, ya), (xb, yb) in zip(a, b):
+            self.assertTrue(torch.equal(xa, xb) and torch.equal(ya, yb))
+        self.assertEqual(data.channel_stats(files), data.channel_stats(images))
+
+    def test_an_unreadable_image_is_one_sentence_from_a_worker(self):
+        files = data.ImageFiles([str(p) for p in sorted(Path(self.root, 'test').rglob('*.png'))],
+                                8)
+        broken = Path(self.tmp.name, 'broken.png')
+        broken.write_bytes(b'not a png')
+        files.files[5] = str(broken)
+        loader = data.make_loader(files, torch.zeros(len(files.files), dtype=torch.long), 4,
+                                  [0.5] * 3, [0.2] * 3, 8, False, torch.device('cpu'), workers=2)
+        with self.assertRaises(UsageError) as caught:
+            list(loader)
+        self.assertEqual(str(caught.exception).count('\n'), 0)
+        self.assertTrue(str(caught.exception).startswith(f'{broken} is not a readable image'))
+
+
+class OrientationTest(unittest.TestCase):
+
+    def test_photos_decode_upright(self):
+        # A portrait photo as a phone stores it: landscape pixels, and an EXIF orientation tag
+        # (6: turn 90 degrees clockwise to view). Decoded, it must stand upright, as the same
+        # photo stored upright does.
+        upright = Image.new('RGB', (16, 32), (20, 40, 200))  # 16 wide, 32 tall: blue ...
+        upright.paste((220, 30, 30), (0, 0, 16, 8))          # ... with a red top
+        with tempfile.TemporaryDirectory() as tmp:
+            plain, tagged = Path(tmp, 'upright.jpg'), Path(tmp, 'tagged.jpg')
+            upright.save(plain, quality=95)
+            exif = Image.Exif()
+            exif[0x0112] = 6
+            upright.transpose(Image.Transpose.ROTATE_90).save(tagged, quality=95, exif=exif)
+            with Image.open(tagged) as img:
+                self.assertEqual(img.size, (32, 16))  # stored on its side
+            want = torch.from_numpy(data.decode_image(plain, 16)).int()
+            got = torch.from_numpy(data.decode_image(tagged, 16)).int()
+        self.assertLess((want - got).abs().max().item(), 40)  # JPEG's loss at the edge
+        self.assertGreater(got[1, 8, 0].item(), 150)  # the top is red
+        self.assertGreater(got[14, 8, 2].item(), 150)  # the bottom is blue

@@ -13,13 +13,14 @@ import torch.nn as nn
 import torchvision
 
 import layers
+import resnet
 from alexnet import AlexNet
 from resnet import ResNet18, ResNet34, ResNet50, count_parameters
-from test_helpers import HERE, copy_weights, run_script
+from test_helpers import HERE, run_script
 
 # The other test files; `python -m unittest test_models` runs them too.
 TEST_FILES = ('test_data', 'test_speed', 'test_train', 'test_predict', 'test_benchmark',
-              'test_docs')
+              'test_degradation', 'test_docs')
 
 
 def load_tests(loader, tests, pattern):
@@ -42,8 +43,13 @@ def blocks_per_stage(model):
     return [1 + len(s.blocks) for s in (model.layer1, model.layer2, model.layer3, model.layer4)]
 
 
+def blocks(model):
+    return [m for m in model.modules() if isinstance(m, (layers.BasicBlock, layers.Bottleneck))]
+
+
 class TorchvisionEquivalence:
-    """Mixin: the model equals torchvision's (parameter shapes, order and outputs)."""
+    """Mixin: the model equals torchvision's (parameter shapes, order and outputs), and
+    torchvision's weights load into it through resnet.from_torchvision."""
     ours = None
     theirs = None
     size = 64
@@ -54,20 +60,31 @@ class TorchvisionEquivalence:
                          [p.shape for p in theirs.parameters()])
 
     def test_same_outputs_with_torchvision_weights(self):
+        # A state_dict of torchvision's network (made here, weights=None; ImageNet's load the
+        # same way), renamed by from_torchvision, loads strictly and gives the same outputs.
         torch.manual_seed(0)
         # float64, so that only a real difference, not rounding, can exceed the tolerance.
         ours = self.ours(10).double().eval()
-        theirs = self.theirs(num_classes=10).double().eval()
+        theirs = self.theirs(weights=None, num_classes=10).double().eval()
         # Non-trivial BN statistics, so a mix-up of running mean and var would show.
         for m in theirs.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.1, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
-        copy_weights(theirs, ours)
+        ours.load_state_dict(resnet.from_torchvision(theirs.state_dict()))
         x = torch.randn(2, 3, self.size, self.size, dtype=torch.double)
         with torch.no_grad():
             diff = (ours(x) - theirs(x)).abs().max().item()
         self.assertLess(diff, 1e-10)
+
+    def test_plain_twin_has_no_shortcuts_and_no_projections(self):
+        # The paper's plain-18/34 (and a plain 50): the same layers, less the projections.
+        residual, plain = self.ours(10), self.ours(10, plain=True)
+        self.assertTrue(all(b.shortcut for b in blocks(residual)))
+        self.assertFalse(any(b.shortcut or b.downsample is not None for b in blocks(plain)))
+        projections = sum(count_parameters(b.downsample) for b in blocks(residual)
+                          if b.downsample is not None)
+        self.assertEqual(count_parameters(plain), count_parameters(residual) - projections)
 
 
 class AlexNetTest(unittest.TestCase):
@@ -153,8 +170,11 @@ class AlexNetTest(unittest.TestCase):
 class LayersTest(unittest.TestCase):
 
     def test_convs_have_no_bias(self):
+        # Article bug: bias=True before BatchNorm, in conv3x3, conv1x1 and the stem's conv1.
         self.assertIsNone(layers.conv3x3(8, 8).bias)
         self.assertIsNone(layers.conv1x1(8, 8).bias)
+        for small_input in (False, True):
+            self.assertIsNone(ResNet18(10, small_input=small_input).conv1.bias)
 
     def test_residual_layer_builds_num_blocks(self):
         # Article bug: first_block plus num_blocks more, so 3 blocks for num_blocks=2.
@@ -176,6 +196,39 @@ class LayersTest(unittest.TestCase):
     def test_stride_halves_the_feature_map(self):
         layer = layers.ResidualLayer(2, 16, 32, stride=2)
         self.assertEqual(layer(torch.zeros(2, 16, 8, 8)).shape, (2, 32, 4, 4))
+
+    def test_zero_pad_shortcut(self):
+        # Option A: every other pixel, and the new channels all zero; no parameters.
+        x = torch.randn(2, 16, 8, 8)
+        shortcut = layers.ZeroPadShortcut(16, 32, stride=2)
+        out = shortcut(x)
+        self.assertEqual(out.shape, (2, 32, 4, 4))
+        self.assertTrue(torch.equal(out[:, :16], x[:, :, ::2, ::2]))
+        self.assertTrue(torch.equal(out[:, 16:], torch.zeros(2, 16, 4, 4)))
+        self.assertEqual(list(shortcut.parameters()), [])
+        layer = layers.ResidualLayer(2, 16, 32, stride=2, shortcut=layers.ZeroPadShortcut)
+        self.assertIsInstance(layer.first_block.downsample, layers.ZeroPadShortcut)
+        self.assertEqual(layer(x).shape, (2, 32, 4, 4))
+
+    def test_plain_block_is_the_residual_block_less_its_shortcut(self):
+        # With the same weights, H(x) = relu(F(x) + x) for the residual block and relu(F(x))
+        # for the plain one: F(x) is the same, and the outputs differ by the shortcut alone.
+        torch.manual_seed(0)
+        for block, args in ((layers.BasicBlock, (8, 8)), (layers.Bottleneck, (8, 8))):
+            residual = block(*args).eval()
+            plain = block(*args, shortcut=False).eval()
+            plain.load_state_dict(residual.state_dict())
+            x = torch.randn(2, 8, 6, 6)
+            inner = {}
+            for name, b in (('residual', residual), ('plain', plain)):
+                last_bn = b.bn3 if block is layers.Bottleneck else b.bn2
+                last_bn.register_forward_hook(lambda m, i, o, n=name: inner.update({n: o.clone()}))
+            with torch.no_grad():
+                r, p = residual(x), plain(x)
+            torch.testing.assert_close(inner['residual'], inner['plain'], rtol=0, atol=0)
+            torch.testing.assert_close(r, torch.relu(inner['residual'] + x), rtol=0, atol=0)
+            torch.testing.assert_close(p, torch.relu(inner['plain']), rtol=0, atol=0)
+            self.assertFalse(torch.equal(r, p))
 
     def test_bottleneck(self):
         layer = layers.ResidualLayer(3, 64, 256, block=layers.Bottleneck)
@@ -270,3 +323,41 @@ class ResNet50Test(TorchvisionEquivalence, unittest.TestCase):
         self.assertEqual(count_parameters(model), 23_528_522)
         self.assertIsInstance(model.layer1.first_block, layers.Bottleneck)
         self.assertEqual(blocks_per_stage(model), [3, 4, 6, 3])
+
+
+class CifarResNetTest(unittest.TestCase):
+    """The paper's CIFAR-10 networks (Section 4.2) and their plain twins."""
+
+    # The paper's Table 6 rounds these to 0.27M, 0.46M, 0.66M, 0.85M and 1.7M.
+    PARAMETERS = {'resnet20': 269_722, 'resnet32': 464_154, 'resnet44': 658_586,
+                  'resnet56': 853_018, 'resnet110': 1_727_962}
+
+    def test_parameter_counts_as_in_table_6(self):
+        self.assertEqual(set(resnet.CIFAR_RESNETS), set(self.PARAMETERS))
+        for name, net in resnet.CIFAR_RESNETS.items():
+            with self.subTest(name):
+                self.assertEqual(count_parameters(net(10)), self.PARAMETERS[name])
+                self.assertEqual(count_parameters(net(10, plain=True)), self.PARAMETERS[name])
+
+    def test_6n_plus_2_layers_at_16_32_64_filters(self):
+        for name, net in resnet.CIFAR_RESNETS.items():
+            model = net(10)
+            weighted = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+            self.assertEqual(len(weighted), int(name[len('resnet'):]), name)
+        model = resnet.ResNet20(10).eval()
+        sizes = []
+        for stage in (model.layer1, model.layer2, model.layer3):
+            stage.register_forward_hook(lambda m, i, o: sizes.append(tuple(o.shape[1:])))
+        with torch.no_grad():
+            self.assertEqual(model(torch.zeros(2, 3, 32, 32)).shape, (2, 10))
+        self.assertEqual(sizes, [(16, 32, 32), (32, 16, 16), (64, 8, 8)])
+        self.assertIsNone(model.conv1.bias)
+
+    def test_option_a_shortcuts_and_a_plain_twin_without_any(self):
+        residual, plain = resnet.ResNet20(10), resnet.ResNet20(10, plain=True)
+        downsamples = [b.downsample for b in blocks(residual) if b.downsample is not None]
+        self.assertEqual(len(downsamples), 2)  # into stages 2 and 3
+        self.assertTrue(all(isinstance(d, layers.ZeroPadShortcut) for d in downsamples))
+        self.assertTrue(all(b.shortcut for b in blocks(residual)))
+        self.assertFalse(any(b.shortcut or b.downsample for b in blocks(plain)))
+        self.assertEqual(list(residual.state_dict()), list(plain.state_dict()))

@@ -6,8 +6,11 @@ import tempfile
 import unittest
 from pathlib import Path
 
+from unittest import mock
+
 import torch
 
+import data
 import predict
 import speed
 from test_helpers import COLOURS, make_colour_folder, run_cli, run_main
@@ -67,15 +70,19 @@ class PredictTest(unittest.TestCase):
             self.assertAlmostEqual(sum(probs), 100, delta=0.2)  # a softmax over the classes
             self.assertEqual(probs, sorted(probs, reverse=True))
 
-    def test_large_sets_go_in_chunks(self):
+    def test_images_that_do_not_fit_are_streamed(self):
+        # The same probabilities whether the images are decoded at once or, when they would
+        # not fit in memory, batch by batch in worker processes.
         model, meta = predict.load_model(self.weights, torch.device('cpu'))
         files = predict.image_files([self.data / 'test'])
         amp = speed.choose_precision('auto', torch.device('cpu'))
         whole = list(predict.probabilities(files, model, meta, torch.device('cpu'), amp))
-        chunks = list(predict.probabilities(files, model, meta, torch.device('cpu'), amp,
-                                            chunk=7, workers=1))
+        with mock.patch.object(data, 'available_ram', return_value=2**30 + 100), \
+                mock.patch.object(predict, 'decode_images', side_effect=AssertionError):
+            streamed = list(predict.probabilities(files, model, meta, torch.device('cpu'), amp,
+                                                  workers=2))
         self.assertEqual(len(whole), 30)
-        for a, b in zip(whole, chunks):
+        for a, b in zip(whole, streamed):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
     def test_errors_are_one_sentence(self):

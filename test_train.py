@@ -29,7 +29,7 @@ import options
 import saving
 import speed
 import train
-from resnet import ResNet18, ResNet34
+from resnet import ResNet18, ResNet34, count_parameters
 from test_helpers import COLOURS, EagerGraphedStep, make_colour_folder, run_main, run_script
 
 CPU = torch.device('cpu')
@@ -52,26 +52,22 @@ class TrainTest(unittest.TestCase):
         self.dir = Path(tempfile.mkdtemp(dir=self.tmp.name))
         self.out = self.dir / 'weight.pth'
 
-    def train(self, *extra, out=None):
+    def train(self, *extra, out=None, model=('--small-input',)):
         # 8 px colour patches: the small-input stem, a low lr and 2 epochs of 3 steps learn
         # them on any seed tried.
-        return run_main('--data', self.data, '--image-size', 8, '--small-input', '--lr', 0.01,
+        return run_main('--data', self.data, '--image-size', 8, *model, '--lr', 0.01,
                         '--batch-size', 16, '--epochs', 2, '--device', 'cpu', '--workers', 1,
                         '--out', out or self.out, *extra)
 
     def test_learns_colour_task_and_writes_its_files(self):
-        real_open = Image.open
         route = mock.patch.object(speed, 'route_one_pixel_convs',
                                   side_effect=speed.route_one_pixel_convs)
-        with mock.patch.object(Image, 'open', side_effect=real_open) as opened, route as routed:
-            code, out, err = self.train()  # --workers 1: decoded in this process
+        with route as routed:
+            code, out, err = self.train()
         self.assertEqual(code, 0, err)
         routed.assert_called_once()  # the CPU route of speed.py, put on the plain model
         precision = speed.precision_name(AUTO)
         self.assertIn(f'resnet18 (small input), cpu, {precision}, 2 epochs', out)
-        # The article ran every image through PIL (Resize + ToTensor) in every epoch.
-        n_images = sum(1 for _ in Path(self.data).rglob('*.png'))
-        self.assertEqual(opened.call_count, n_images + 1)  # + 1: the size probe
         # The article printed {num_epochs}, undefined: NameError in the first epoch.
         self.assertIn('epoch 1/2', out)
         meta = json.loads(self.out.with_suffix('.json').read_text())
@@ -91,6 +87,18 @@ class TrainTest(unittest.TestCase):
         self.assertEqual(self.out.with_suffix('.csv').read_text().count('\n'), 3)
         self.assertTrue(self.out.with_suffix('.ckpt').is_file())
         self.assertEqual(list(self.dir.glob('*.tmp')), [])
+
+    def test_each_image_is_decoded_once_and_resized_on_the_device(self):
+        # The article ran every image through PIL (Resize + ToTensor) in every epoch. Here each
+        # file is read once (the 8 px images held at 8 px), and resized to 16 px by the loader.
+        real_open = Image.open
+        with mock.patch.object(Image, 'open', side_effect=real_open) as opened:
+            code, out, err = self.train('--image-size', 16)  # --workers 1: in this process
+        self.assertEqual(code, 0, err)
+        n_images = sum(1 for _ in Path(self.data).rglob('*.png'))
+        self.assertEqual(opened.call_count, n_images + 1)  # + 1: the size probe
+        self.assertIn('held at 8 px, fed at 16 px', out)
+        self.assertNotIn('streaming', out)
 
     def test_best_weights_are_a_copy(self):
         # The article kept trainer.params (a live state_dict), so it saved the last epoch.
@@ -207,16 +215,37 @@ class TrainTest(unittest.TestCase):
         for text, recipe, fixes in (
                 ('article', 'article', set()),
                 ('article+augment+norm', 'article+norm+augment', {'norm', 'augment'}),
-                ('article+norm+augment+schedule+smoothing', 'fixed', set(options.FIXES))):
+                ('article+nesterov+norm+augment+lr+decay+smoothing', 'fixed',
+                 set(options.FIXES))):
             args = options.parse_args(['--recipe', text])
             self.assertEqual((args.recipe, options.fixes_of(args.recipe)), (recipe, fixes))
         self.assertEqual(options.parse_args(['--recipe', 'article+norm']).lr, config.ARTICLE_LR)
-        self.assertEqual(options.parse_args(['--recipe', 'article+schedule']).lr, config.LR)
+        self.assertEqual(options.parse_args(['--recipe', 'article+lr']).lr, config.LR)
+        # Each fix switches one thing: here weight decay alone, then Nesterov alone.
+        model = nn.Linear(2, 2)
+        for fixes, nesterov, decay in (({'decay'}, False, config.WEIGHT_DECAY),
+                                       ({'nesterov'}, True, config.ARTICLE_WEIGHT_DECAY)):
+            group = train.build_optimizer(model, 0.1, CPU, fixes).param_groups[0]
+            self.assertEqual((group['nesterov'], group['weight_decay']), (nesterov, decay))
+            self.assertEqual(train.build_criterion(fixes).label_smoothing, 0.0)
 
     def test_every_model_offered_is_built(self):
-        self.assertEqual(sorted(train.MODELS), sorted(config.MODELS))
-        for name in config.MODELS:
-            self.assertEqual(options.parse_args(['--model', name]).model, name)
+        # Each --model builds a network that classifies an image into the 3 classes, with and
+        # without --plain where it is a ResNet; the CIFAR nets are the paper's, by depth.
+        self.assertEqual(set(options.MODELS), {'alexnet', 'resnet18', 'resnet34', 'resnet50',
+                                               'resnet20', 'resnet32', 'resnet44', 'resnet56',
+                                               'resnet110'})
+        for name in options.MODELS:
+            for plain in (False, True) if name != 'alexnet' else (False,):
+                with self.subTest(name, plain=plain):
+                    args = options.parse_args(['--model', name] + ['--plain'] * plain)
+                    model = train.build_model(args.model, 3, plain=args.plain).eval()
+                    size = 67 if name == 'alexnet' else 32
+                    with torch.no_grad():
+                        self.assertEqual(model(torch.zeros(2, 3, size, size)).shape, (2, 3))
+                    shortcuts = {b.shortcut for b in model.modules() if hasattr(b, 'shortcut')}
+                    self.assertEqual(shortcuts, set() if name == 'alexnet' else {not plain})
+        self.assertEqual(count_parameters(train.build_model('resnet56', 10)), 853_018)
 
     def test_defaults_that_depend_on_other_arguments(self):
         # --small-input trains at batch 256 (README, Results), the ImageNet stem at 512, AlexNet
@@ -231,6 +260,9 @@ class TrainTest(unittest.TestCase):
         self.assertEqual(options.parse_args(['--model', 'resnet50', '--small-input']).batch_size,
                          128)
         self.assertEqual(options.parse_args(['--model', 'resnet34']).batch_size, 512)
+        for name in ('resnet20', 'resnet56', 'resnet110'):  # the paper's CIFAR-10 nets
+            args = options.parse_args(['--model', name])
+            self.assertEqual((args.batch_size, args.lr), (128, 0.1))
         self.assertEqual(options.parse_args(['--small-input']).batch_size,
                          config.SMALL_INPUT_BATCH_SIZE)
         self.assertEqual(config.SMALL_INPUT_BATCH_SIZE, 256)
@@ -288,9 +320,15 @@ class TrainTest(unittest.TestCase):
         self.assertAlmostEqual(acc, 100 * (outputs.argmax(1) == labels).sum().item() / 9)
 
     def test_resume_gives_the_same_result(self):
-        code, _, err = self.train('--save-every', 0, out=self.dir / 'a' / 'weight.pth')
+        # Held in memory, and streamed (--stream), a run stopped by Ctrl-C in its second epoch
+        # and resumed ends as the run that was never stopped.
+        for stream in ([], ['--stream']):
+            with self.subTest(stream=stream):
+                self.check_resume(stream, self.dir / ('stream' if stream else 'memory'))
+
+    def check_resume(self, extra, folder):
+        code, _, err = self.train('--save-every', 0, *extra, out=folder / 'a' / 'weight.pth')
         self.assertEqual(code, 0, err)
-        # Ctrl-C in the second epoch, then --resume.
         calls = []
         real_train = train.Trainer.epoch_train
 
@@ -300,16 +338,17 @@ class TrainTest(unittest.TestCase):
                 raise KeyboardInterrupt
             return real_train(trainer, loader)
 
-        b = self.dir / 'b' / 'weight.pth'
+        b = folder / 'b' / 'weight.pth'
         with mock.patch.object(train.Trainer, 'epoch_train', interrupted):
-            code, _, err = self.train('--save-every', 0, out=b)
+            code, _, err = self.train('--save-every', 0, *extra, out=b)
         self.assertEqual(code, 130)
         self.assertIn('--resume', err)
         self.assertTrue(b.is_file())  # the best weights so far are kept
-        code, out, err = self.train('--save-every', 0, '--resume', out=b)
+        code, out, err = self.train('--save-every', 0, '--resume', *extra, out=b)
         self.assertEqual(code, 0, err)
         self.assertIn('resuming from epoch 1', out)
-        done_a = torch.load(self.dir / 'a' / 'weight.ckpt', weights_only=True)
+        self.assertEqual('streaming' in out, bool(extra))
+        done_a = torch.load(folder / 'a' / 'weight.ckpt', weights_only=True)
         done_b = torch.load(b.with_suffix('.ckpt'), weights_only=True)
         for k, v in done_a['model'].items():
             self.assertTrue(torch.allclose(v.float(), done_b['model'][k].float(), atol=1e-6), k)
@@ -372,6 +411,21 @@ class TrainTest(unittest.TestCase):
         plain = train.build_optimizer(model, 0.1, torch.device('cpu'))
         plain.load_state_dict(copy.deepcopy(state))
         self.assertTrue(plain.param_groups[0]['fused'])  # what the helper undoes
+
+    def test_checkpoint_keeps_the_training_devices_random_state(self):
+        # Dropout (AlexNet's) draws from the generator of the device it trains on, so a resumed
+        # CUDA run goes on from the GPU's state as well as the CPU's. (Mocked: no GPU here.)
+        cuda, gpu_state = torch.device('cuda'), torch.tensor([7, 8, 9], dtype=torch.uint8)
+        with mock.patch.object(torch.cuda, 'get_rng_state', return_value=gpu_state), \
+                mock.patch.object(torch.cuda, 'set_rng_state') as set_gpu:
+            state = saving.rng_state(cuda)
+            expected = torch.rand(3)
+            saving.set_rng_state(state, cuda)
+        set_gpu.assert_called_once_with(gpu_state, cuda)
+        self.assertTrue(torch.equal(torch.rand(3), expected))  # the CPU's state too
+        self.assertEqual(set(saving.rng_state(CPU)), {'cpu'})
+        saving.set_rng_state(state['cpu'], CPU)  # a checkpoint of before: the CPU's alone
+        self.assertTrue(torch.equal(torch.rand(3), expected))
 
     def test_nan_loss_stops_and_keeps_weights(self):
         results = iter([None, (float('nan'), 0.0)])
@@ -474,6 +528,171 @@ class TrainTest(unittest.TestCase):
         self.assertAlmostEqual(f(100), 0.0)
         self.assertEqual(max(f(s) for s in range(100)), 1.0)
 
+    def test_the_fixed_recipe_trains_as_it_says(self):
+        # The article trained at a constant lr 0.001 with plain momentum, decay 1e-4 and no
+        # label smoothing. By default, each step's lr follows the warm-up and linear decay to
+        # 0 from the peak --lr, with Nesterov momentum, decay 5e-4 and label smoothing 0.1.
+        seen, built = [], {}
+        real_step, real_criterion = train.Trainer.train_step, train.build_criterion
+
+        def step(trainer, inputs, targets):
+            group = trainer.optimizer.param_groups[0]
+            seen.append((group['lr'], group['nesterov'], group['weight_decay']))
+            return real_step(trainer, inputs, targets)
+
+        def criterion(*args):
+            built['criterion'] = real_criterion(*args)
+            return built['criterion']
+
+        with mock.patch.object(train.Trainer, 'train_step', step), \
+                mock.patch.object(train, 'build_criterion', criterion):
+            code, _, err = self.train()  # --lr 0.01, 2 epochs of 3 steps
+        self.assertEqual(code, 0, err)
+        factor = train.warmup_linear(6, config.WARMUP)
+        self.assertEqual([round(lr, 9) for lr, _, _ in seen],
+                         [round(0.01 * factor(i), 9) for i in range(6)])
+        self.assertEqual({(n, d) for _, n, d in seen}, {(True, 5e-4)})
+        self.assertEqual(built['criterion'].label_smoothing, 0.1)
+        self.assertEqual(train.build_criterion().label_smoothing, 0.1)
+
+    def test_inputs_are_normalised_end_to_end(self):
+        # The article fed raw [0, 1] pixels. What the model sees, in training and evaluation,
+        # has per channel a mean near 0 and a std near 1 (over the whole epoch).
+        fed = {True: [], False: []}
+        real_build = train.build_model
+
+        def build(*args):
+            model = real_build(*args)
+            model.register_forward_pre_hook(lambda m, i: fed[m.training].append(i[0].detach()))
+            return model
+
+        with mock.patch.object(train, 'build_model', build):
+            code, _, err = self.train('--epochs', 1)
+        self.assertEqual(code, 0, err)
+        for training, batches in fed.items():
+            x = torch.cat(batches).float().transpose(0, 1).flatten(1)  # (C, all pixels)
+            self.assertLess(x.mean(dim=1).abs().max().item(), 0.15, training)
+            self.assertLess((x.std(dim=1) - 1).abs().max().item(), 0.15, training)
+
+    def test_trainer_takes_the_articles_dataloader(self):
+        # The article's loop moves each batch to the device and makes the targets long, so any
+        # DataLoader works: here int32 labels, which cross_entropy refuses as they are.
+        torch.manual_seed(0)
+        dataset = torch.utils.data.TensorDataset(torch.randn(12, 3, 8, 8),
+                                                 torch.arange(12, dtype=torch.int32) % 3)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=4, shuffle=True,
+                                             drop_last=True)
+        model = ResNet18(3, small_input=True)
+        trainer = train.Trainer(model, train.build_optimizer(model, 0.01, CPU),
+                                train.build_criterion(), CPU)
+        moved = []
+        real_to = torch.Tensor.to
+
+        def to(tensor, *args, **kwargs):
+            moved.append(args[:1])
+            return real_to(tensor, *args, **kwargs)
+
+        with mock.patch.object(torch.Tensor, 'to', to):
+            loss, acc = trainer.epoch_train(loader)
+            valid_loss, _ = trainer.epoch_valid(loader)
+        self.assertTrue(math.isfinite(loss) and math.isfinite(valid_loss))
+        self.assertGreaterEqual(moved.count((CPU,)), 2 * 2 * len(loader))  # inputs, targets
+
+    def test_running_out_of_memory_keeps_the_weights_and_says_what_to_pass(self):
+        # On a GPU: torch.cuda.OutOfMemoryError; on the CPU, a RuntimeError that says so.
+        errors = (torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB'),
+                  RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
+                               "allocate 48000000000 bytes. Error code 12"))
+        real_train = train.Trainer.epoch_train
+        for i, error in enumerate(errors):
+            calls = []
+
+            def second_epoch_fails(trainer, loader):
+                calls.append(1)
+                if len(calls) == 2:
+                    raise error
+                return real_train(trainer, loader)
+
+            out = self.dir / str(i) / 'weight.pth'
+            with mock.patch.object(train.Trainer, 'epoch_train', second_epoch_fails):
+                code, _, err = self.train('--save-every', 0, out=out)
+            self.assertEqual((code, err.strip().count('\n')), (1, 0), err)
+            self.assertIn('ran out of memory for batches of 16 images at 8 px; pass a smaller '
+                          '--batch-size or --image-size', err)
+            self.assertIn('best weights so far', err)
+            self.assertNotIn('Traceback', err)
+            ResNet18(3, small_input=True).load_state_dict(torch.load(out, weights_only=True))
+            self.assertEqual(torch.load(out.with_suffix('.ckpt'), weights_only=True)['epoch'], 1)
+        # In evaluation too; and an error that is not about memory stays a traceback.
+        with mock.patch.object(train.Trainer, 'epoch_valid', side_effect=errors[0]):
+            code, _, err = run_main('--eval', out, '--device', 'cpu')
+        self.assertEqual((code, err.count('\n')), (1, 1), err)
+        self.assertIn('ran out of memory', err)
+        with mock.patch.object(train.Trainer, 'epoch_valid', side_effect=RuntimeError('other')), \
+                self.assertRaisesRegex(RuntimeError, 'other'):
+            run_main('--eval', out, '--device', 'cpu')
+
+    def test_eval_reads_the_data_folder_the_weights_were_trained_on(self):
+        code, _, err = self.train('--epochs', 1)
+        self.assertEqual(code, 0, err)
+        with mock.patch.object(torchvision.datasets.CIFAR10, 'download',
+                               side_effect=AssertionError('tried CIFAR-10')):
+            code, out, err = run_main('--eval', self.out, '--device', 'cpu', '--workers', 1)
+        self.assertEqual(code, 0, err)
+        self.assertIn(f'from {Path(self.data).resolve()}', out)
+        self.assertIn('test accuracy', out)
+        meta = json.loads(self.out.with_suffix('.json').read_text())
+        meta['data'] = str(self.dir / 'moved')
+        self.out.with_suffix('.json').write_text(json.dumps(meta))
+        code, _, err = run_main('--eval', self.out, '--device', 'cpu')
+        self.assertEqual((code, err.count('\n')), (2, 1), err)
+        self.assertIn('which is not there any more; pass --data DIR', err)
+
+    def test_plain_nets_are_recorded_and_rebuilt(self):
+        # --plain is part of the setup: weight.json and the checkpoint record it, and --eval,
+        # --resume and predict.py build the plain net again. A plain CIFAR net has the
+        # residual net's very parameters, so only what is recorded tells them apart.
+        import predict
+        resnet20 = ('--model', 'resnet20')
+        code, out, err = self.train('--plain', '--epochs', 1, out=self.dir / 'plain.pth',
+                                    model=resnet20)
+        self.assertEqual(code, 0, err)
+        self.assertIn('resnet20 (plain), cpu', out)
+        self.assertTrue(json.loads((self.dir / 'plain.json').read_text())['plain'])
+        built = []
+        real_build = train.build_model
+        with mock.patch.object(train, 'build_model',
+                               side_effect=lambda *a: built.append(a) or real_build(*a)):
+            code, out, err = run_main('--eval', self.dir / 'plain.pth', '--device', 'cpu',
+                                      '--workers', 1)
+            self.assertEqual(code, 0, err)
+            model, _ = predict.load_model(self.dir / 'plain.pth', CPU)
+        self.assertEqual(built, [('resnet20', 3, False, True)] * 2)
+        self.assertIn('(resnet20 --plain, 8 px', out)
+        self.assertFalse(any(b.shortcut for b in model.modules() if hasattr(b, 'shortcut')))
+        code, _, err = self.train('--epochs', 1, '--resume', out=self.dir / 'plain.pth',
+                                  model=resnet20)
+        self.assertEqual((code, err.count('\n')), (2, 1), err)
+        self.assertIn('--model resnet20 --plain', err)
+
+    def test_a_folder_that_does_not_fit_is_streamed(self):
+        # Too little memory to hold the images: they are decoded in every epoch instead (here
+        # in this process, --workers 1), and the run trains and writes its files as ever.
+        real_open = Image.open
+        with mock.patch.object(data, 'available_ram', return_value=2**30 + 100), \
+                mock.patch.object(Image, 'open', side_effect=real_open) as opened:
+            code, out, err = self.train()
+        self.assertEqual(code, 0, err)
+        first = out.splitlines()[0]
+        self.assertIn(f'streaming 80 images from {self.data}: held at 8 px they need 0.0 GiB of '
+                      f'RAM, and 1.0 GiB is free', first)
+        n_train, n_test = 50, 30
+        # a probe, the 50 train images for their statistics, then 2 epochs of 3 batches of 16
+        # and 2 evaluations
+        self.assertEqual(opened.call_count, 1 + n_train + 2 * 48 + 2 * n_test)
+        self.assertGreater(json.loads(self.out.with_suffix('.json').read_text())['best_acc'], 80)
+        self.assertTrue(self.out.with_suffix('.ckpt').is_file())
+
 
 class TrainInputTest(unittest.TestCase):
     """Bad arguments and bad data: one sentence, exit code 2, no traceback."""
@@ -522,25 +741,17 @@ class TrainInputTest(unittest.TestCase):
             self.assertFails(['--precision', 'fp16', '--data', data_dir],
                              '--precision fp16: this torch build cannot compute in fp16 on cpu')
 
-    def test_data_that_does_not_fit_in_memory_stops_before_decoding(self):
-        # Decoding allocates every image at once: too little RAM must be one sentence, before
-        # any image is decoded, and weights already there stay as they were.
-        data_dir = make_colour_folder(self.root / 'd', n_train=1, n_test=1)
-        weights, meta = self.root / 'w.pth', self.root / 'w.json'
-        with mock.patch.object(data, 'available_ram', return_value=2**30 + 100):
-            code, out, err = run_main('--data', data_dir, '--out', weights, '--device', 'cpu',
-                                      '--workers', 1)
-        self.assertEqual((code, err.count('\n')), (2, 1), err)
-        self.assertIn('need 0.0 GiB of RAM, and 1.0 GiB is free', err)
-        self.assertIn('--image-size', err)
-        self.assertNotIn('decoding', out)
-        self.assertFalse(weights.exists() or meta.exists())
-
     def test_contradicting_options(self):
         self.assertFails(['--graph-whole-step', '--no-cuda-graphs'], 'pick one')
 
     def test_image_too_small_for_alexnet(self):
         self.assertFails(['--model', 'alexnet', '--image-size', '32'], 'at least 67 px')
+
+    def test_options_a_model_does_not_have(self):
+        self.assertFails(['--model', 'alexnet', '--plain'], 'AlexNet has none to change')
+        self.assertFails(['--model', 'alexnet', '--small-input'], 'AlexNet has none to change')
+        self.assertFails(['--model', 'resnet20', '--small-input'], 'has that stem already')
+        self.assertFails(['--model', 'resnet21'], 'invalid choice')
 
     def test_missing_and_empty_data_folders(self):
         self.assertFails(['--data', self.root / 'nowhere'], 'does not exist')
@@ -550,12 +761,17 @@ class TrainInputTest(unittest.TestCase):
         self.assertFails(['--data', self.root], 'no class folders')
         (self.root / 'train' / 'cat').mkdir()
         (self.root / 'test' / 'cat').mkdir()
-        self.assertFails(['--data', self.root], 'holds no images')
         Image.new('RGB', (8, 8)).save(self.root / 'train' / 'cat' / 'a.png')
         Image.new('RGB', (8, 8)).save(self.root / 'test' / 'cat' / 'a.png')
+        # One class "trains" a classifier that is always right: refused.
+        self.assertFails(['--data', self.root], 'one class folder (cat), and a classifier needs '
+                                                'at least two')
         (self.root / 'train' / 'dog').mkdir()
         (self.root / 'test' / 'dog').mkdir()
         self.assertFails(['--data', self.root], f"{Path(self.root, 'train', 'dog')} holds no")
+        Image.new('RGB', (8, 8)).save(self.root / 'train' / 'dog' / 'a.png')
+        (self.root / 'test' / 'cat' / 'a.png').unlink()
+        self.assertFails(['--data', self.root], f"{Path(self.root, 'test')} holds no images")
 
     def test_class_sets_differ(self):
         data = make_colour_folder(self.root / 'd', n_train=1, n_test=1)

@@ -10,6 +10,7 @@ and loading saving.py, and what is there only for speed speed.py.
     python train.py --eval weight.pth        # test accuracy of saved weights
 """
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,13 +20,12 @@ import torch.nn as nn
 
 import config
 import options
+import resnet
 import saving
 import speed
 from alexnet import AlexNet
-from data import TensorLoader, UsageError, channel_stats, load_cifar10, load_image_folder
-from resnet import ResNet18, ResNet34, ResNet50
-
-MODELS = {'resnet18': ResNet18, 'resnet34': ResNet34, 'resnet50': ResNet50, 'alexnet': AlexNet}
+from data import channel_stats, load_cifar10, load_image_folder, make_loader
+from errors import UsageError
 
 
 class Trainer:
@@ -72,6 +72,8 @@ class Trainer:
 
         step = self.graphed_step or self.train_step  # the article's step, or its CUDA graph
         for batch_idx, (inputs, targets) in enumerate(train_loader):
+            inputs = inputs.to(self.device)  # no-ops for train.py's loaders, which batch there
+            targets = targets.to(self.device).long()
             loss, outputs = step(inputs, targets)
             if self.scheduler is not None:
                 self.scheduler.step()
@@ -86,7 +88,8 @@ class Trainer:
         if self.progress:
             print('\r' + ' ' * 40 + '\r', end='', flush=True)
 
-        # The article averaged per-batch means; this is the mean over samples.
+        # The mean over samples. (The article's mean of batch means was right here only
+        # because its train loader dropped the short last batch; this holds for any loader.)
         sizes = [len(t) for t in labels]
         total = sum(sizes)
         weights = torch.tensor(sizes, dtype=torch.float, device=self.device)
@@ -101,9 +104,12 @@ class Trainer:
         class_correct = class_total = 0  # per-class counts, (num_classes,) after a batch
 
         for inputs, targets in valid_loader:
+            inputs = inputs.to(self.device)
+            targets = targets.to(self.device).long()
             with self._autocast():
                 outputs = self.model(inputs)
-            # The loss in fp32 (the logits may be bf16 under autocast).
+            # The loss in fp32 (the logits may be bf16 under autocast), summed over samples: the
+            # article averaged batch means, which weighs the short last batch's images more.
             epoch_loss += self.criterion(outputs.float(), targets) * targets.size(0)
             hit = (outputs.argmax(dim=1) == targets).float()
             zeros = outputs.new_zeros(outputs.shape[1], dtype=torch.float)
@@ -122,10 +128,12 @@ class Trainer:
 # ----------------------------------------------------------------------------------------------
 # Building the model, the optimizer and the schedule.
 
-def build_model(name, num_classes, small_input=False):
+def build_model(name, num_classes, small_input=False, plain=False):
     if name == 'alexnet':
         return AlexNet(in_channels=3, num_classes=num_classes)
-    return MODELS[name](num_classes, small_input=small_input)
+    if name in resnet.CIFAR_RESNETS:
+        return resnet.CIFAR_RESNETS[name](num_classes, plain=plain)
+    return resnet.IMAGENET_RESNETS[name](num_classes, small_input=small_input, plain=plain)
 
 
 def build_optimizer(model, lr, device, fixes=options.FIXES):
@@ -133,9 +141,9 @@ def build_optimizer(model, lr, device, fixes=options.FIXES):
     momentum and a smaller decay. On CUDA, PyTorch's fused SGD: one kernel updates every
     parameter, where its default (foreach) launches several a step, each also costing the host
     time between two CUDA-graph replays. The update is the same."""
-    decay = config.WEIGHT_DECAY if 'schedule' in fixes else config.ARTICLE_WEIGHT_DECAY
+    decay = config.WEIGHT_DECAY if 'decay' in fixes else config.ARTICLE_WEIGHT_DECAY
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=config.MOMENTUM,
-                           nesterov='smoothing' in fixes, weight_decay=decay,
+                           nesterov='nesterov' in fixes, weight_decay=decay,
                            fused=True if device.type == 'cuda' else None)  # None: the default
 
 
@@ -148,7 +156,7 @@ def build_criterion(fixes=options.FIXES):
 
 def build_schedule(optimizer, total_steps, fixes=options.FIXES):
     """The lr factor of each step: warm-up, then linear decay to 0 (the article: constant)."""
-    factor = warmup_linear(total_steps, config.WARMUP) if 'schedule' in fixes else constant
+    factor = warmup_linear(total_steps, config.WARMUP) if 'lr' in fixes else constant
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -167,32 +175,20 @@ def constant(step):
     return 1.0
 
 
-def pick_device(name):
-    if name == 'auto':
-        if torch.cuda.is_available():
-            return torch.device('cuda')
-        if torch.backends.mps.is_available():
-            return torch.device('mps')
-        return torch.device('cpu')
-    if name == 'cuda' and not torch.cuda.is_available():
-        raise UsageError('--device cuda was asked for, but torch sees no CUDA GPU here; '
-                         'use --device auto or cpu')
-    if name == 'mps' and not torch.backends.mps.is_available():
-        raise UsageError('--device mps was asked for, but torch sees no Apple GPU here; '
-                         'use --device auto or cpu')
-    return torch.device(name)
-
-
 def setup_of(args, classes):
     """What must match for two runs' weights to be compared, or for a run to be resumed."""
     data = str(Path(args.data).resolve()) if args.data else 'cifar10'
-    return {'model': args.model, 'small_input': args.small_input, 'image_size': args.image_size,
-            'data': data, 'classes': list(classes), 'recipe': args.recipe}
+    return {'model': args.model, 'small_input': args.small_input, 'plain': args.plain,
+            'image_size': args.image_size, 'data': data, 'classes': list(classes),
+            'recipe': args.recipe}
 
 
-def load_data(args, device, need_train=True):
-    if args.data:
-        return load_image_folder(args.data, args.image_size, args.workers, need_train, device)
+def load_data(data_dir, args, image_size, device, need_train=True):
+    """(train images, train labels, test images, test labels, classes) of an image folder or,
+    with no data_dir, of CIFAR-10. Images are uint8 tensors, or data.ImageFiles to stream."""
+    if data_dir:
+        return load_image_folder(data_dir, image_size, args.workers, need_train, device,
+                                 args.stream)
     return load_cifar10(args.data_root)
 
 
@@ -203,39 +199,56 @@ def print_class_accuracy(classes, accuracy):
 
 
 def evaluate(args, device):
-    """--eval PATH: test accuracy and per-class accuracy of saved weights."""
+    """--eval PATH: test accuracy and per-class accuracy of saved weights. What weight.json
+    says they are (model, image size, data, mean and std) wins over the defaults."""
     path = Path(args.eval)
     amp_dtype = speed.choose_precision(args.precision, device)
     state = saving.load_weights(path)
     meta = saving.read_json(path.with_suffix('.json')) or {}
     model_name = meta.get('model', args.model)
-    small_input = meta.get('small_input', args.small_input)
-    image_size = meta.get('image_size', args.image_size)
-    if model_name not in MODELS:
+    if model_name not in options.MODELS:
         raise UsageError(f'{path.with_suffix(".json")} names an unknown model {model_name!r}')
-    args.image_size = image_size
-    _, _, test_x, test_y, classes = load_data(args, device, need_train='mean' not in meta)
+    small_input = meta.get('small_input', args.small_input)
+    plain = meta.get('plain', args.plain)
+    image_size = meta.get('image_size', args.image_size)
+    data_dir = args.data or (meta.get('data') if meta.get('data') != 'cifar10' else None)
+    if not args.data and data_dir and not Path(data_dir).is_dir():
+        raise UsageError(f'{path} was trained on {data_dir}, which is not there any more; '
+                         f'pass --data DIR with its test images')
+    # The mean and std of the training images: from weight.json, or else from the images.
+    have_stats = 'mean' in meta and 'std' in meta
+    train_x, _, test_x, test_y, classes = load_data(data_dir, args, image_size, device,
+                                                    need_train=not have_stats)
     if 'classes' in meta and meta['classes'] != list(classes):
         raise UsageError(f'{path} was trained on the classes {meta["classes"]}, '
                          f'but the data has {list(classes)}')
-    if 'mean' in meta:
-        mean, std = meta['mean'], meta['std']
-    else:
-        mean, std = channel_stats(load_data(args, device)[0])
+    mean, std = (meta['mean'], meta['std']) if have_stats else channel_stats(train_x)
 
-    model = build_model(model_name, len(classes), small_input)
-    saving.load_into(model, state, path, model_name + (' --small-input' if small_input else ''))
+    model = build_model(model_name, len(classes), small_input, plain)
+    what = model_name + ' --small-input' * small_input + ' --plain' * plain
+    saving.load_into(model, state, path, what)
     criterion = build_criterion(options.fixes_of(meta.get('recipe', 'fixed')))
     trainer = Trainer(speed.prepare_model(model, device), None, criterion, device,
                       amp_dtype=amp_dtype)
-    loader = TensorLoader(test_x.to(device), test_y, config.EVAL_BATCH_SIZE, mean, std,
-                          image_size, train=False, memory_format=speed.memory_format(device))
+    loader = make_loader(test_x, test_y, eval_batch_size(args), mean, std, image_size, False,
+                         device, args.workers, memory_format=speed.memory_format(device))
     loss, acc = trainer.epoch_valid(loader)
     print('per-class accuracy:')
     print_class_accuracy(classes, trainer.class_accuracy)
-    print(f'{path}: test accuracy {acc:.2f}% on {len(test_x):,} images ({model_name}, '
+    print(f'{path}: test accuracy {acc:.2f}% on {len(test_x):,} images ({what}, '
           f'{image_size} px, loss {loss:.3f})')
     return 0
+
+
+def eval_batch_size(args):
+    """Evaluation keeps no activations for a backward, so it takes larger batches; at most
+    twice --batch-size, so that a smaller --batch-size also helps when memory runs out."""
+    return min(config.EVAL_BATCH_SIZE, 2 * args.batch_size)
+
+
+def out_of_memory_advice(args, device):
+    return (f'the {device.type} ran out of memory for batches of {args.batch_size} images at '
+            f'{args.image_size} px; pass a smaller --batch-size or --image-size')
 
 
 def plural(n, one, many):
@@ -254,10 +267,11 @@ def train(args, device):
     amp_dtype = speed.choose_precision(args.precision, device)
     precision = speed.precision_name(amp_dtype)
     t0 = time.perf_counter()
-    train_x, train_y, test_x, test_y, classes = load_data(args, device)
+    train_x, train_y, test_x, test_y, classes = load_data(args.data, args, args.image_size, device)
     fixes = options.fixes_of(args.recipe)
     # The article fed raw [0, 1] pixels; the fix normalises with the training images' statistics.
-    mean, std = channel_stats(train_x) if 'norm' in fixes else ([0.0] * 3, [1.0] * 3)
+    mean, std = (channel_stats(train_x, workers=args.workers or os.cpu_count() or 1)
+                 if 'norm' in fixes else ([0.0] * 3, [1.0] * 3))
     timings = {'loading data': time.perf_counter() - t0}
     print(f'{len(train_x):,} train and {len(test_x):,} test images, {len(classes)} classes, '
           f'held at {train_x.shape[-1]} px, fed at {args.image_size} px; '
@@ -265,18 +279,22 @@ def train(args, device):
           f'({timings["loading data"]:.1f} s)')
     info = {'mean': mean, 'std': std, 'held_size': train_x.shape[-1], 'epochs': args.epochs,
             'precision': precision}  # also in weight.json: how predict.py prepares an image
-    files = saving.RunFiles(out, setup_of(args, classes), info, args.resume)
+    setup = setup_of(args, classes)
+    if ckpt:
+        saving.check_same_run(ckpt, args, setup, precision)
+    files = saving.RunFiles(out, setup, info, args.resume)
 
     torch.manual_seed(args.seed)
-    model = speed.prepare_model(build_model(args.model, len(classes), args.small_input), device)
-    # The article used plain SGD at lr 0.001 with no schedule, which barely moves in 30 epochs.
+    model = build_model(args.model, len(classes), args.small_input, args.plain)
+    model = speed.prepare_model(model, device)
+    # The article used plain SGD at lr 0.001 with no schedule: 52.19% after 5 epochs, where
+    # the fixed recipe reaches 74.18% (README, "What each fix buys").
     optimizer = build_optimizer(model, args.lr, device, fixes)
-    mf = speed.memory_format(device)
-    train_loader = TensorLoader(train_x.to(device), train_y, args.batch_size, mean, std,
-                                args.image_size, train=True, seed=args.seed, memory_format=mf,
-                                augment='augment' in fixes)
-    valid_loader = TensorLoader(test_x.to(device), test_y, config.EVAL_BATCH_SIZE, mean, std,
-                                args.image_size, train=False, memory_format=mf)
+    common = dict(device=device, workers=args.workers, memory_format=speed.memory_format(device))
+    train_loader = make_loader(train_x, train_y, args.batch_size, mean, std, args.image_size,
+                               True, seed=args.seed, augment='augment' in fixes, **common)
+    valid_loader = make_loader(test_x, test_y, eval_batch_size(args), mean, std,
+                               args.image_size, False, **common)
     scheduler = build_schedule(optimizer, args.epochs * len(train_loader), fixes)
     trainer = Trainer(model, optimizer, build_criterion(fixes), device, scheduler, amp_dtype)
     if device.type == 'cuda':
@@ -291,8 +309,7 @@ def train(args, device):
         launch = ', ' + speed.record_graphs(trainer, train_loader, args.graph_whole_step)
         timings['recording CUDA graphs'] = time.perf_counter() - t0
     recipe = '' if args.recipe == 'fixed' else f', the recipe {args.recipe}'
-    print(f'{args.model}{" (small input)" if args.small_input else ""}, {device.type}, '
-          f'{precision}{launch}{recipe}, '
+    print(f'{describe(args)}, {device.type}, {precision}{launch}{recipe}, '
           f'{plural(args.epochs, "epoch", "epochs")} of '
           f'{plural(len(train_loader), "batch", "batches")} of '
           f'{args.batch_size}, peak lr {args.lr}')
@@ -300,10 +317,16 @@ def train(args, device):
     return fit(trainer, (train_loader, valid_loader), args, files, history, start, timings)
 
 
+def describe(args):
+    """'resnet18', 'resnet18 (small input)', 'resnet56 (plain)': the network, for the log."""
+    kinds = [k for k, on in (('small input', args.small_input), ('plain', args.plain)) if on]
+    return args.model + (f' ({", ".join(kinds)})' if kinds else '')
+
+
 def fit(trainer, loaders, args, files, history, start, timings):
     """The article's epoch loop: train, validate, keep the best weights, print a line. The
-    files are written every --save-every seconds and at the end; Ctrl-C or a NaN loss stops
-    the run and keeps the best weights so far."""
+    files are written every --save-every seconds and at the end; Ctrl-C, a NaN loss or running
+    out of memory stops the run and keeps the best weights so far."""
     train_loader, valid_loader = loaders
     timings.update({'training': 0.0, 'evaluating': 0.0})
     run_best = (-1.0, 0, None)  # this run's best: accuracy, epoch, per-class accuracy
@@ -316,11 +339,8 @@ def fit(trainer, loaders, args, files, history, start, timings):
             train_time = time.perf_counter() - t0
             timings['training'] += train_time
             if not math.isfinite(train_loss):
-                files.save()
-                print(f'error: the loss became {train_loss} in epoch {epoch}; stopped. The best '
-                      f'weights so far stay in {files.out}. Try a lower --lr than {args.lr}.',
-                      file=sys.stderr)
-                return 1
+                return stop(files, f'the loss became {train_loss} in epoch {epoch}', 1,
+                            f'try a lower --lr than {args.lr}')
             valid_loss, valid_acc = trainer.epoch_valid(valid_loader)
             seconds = time.perf_counter() - t0
             timings['evaluating'] += seconds - train_time
@@ -344,15 +364,34 @@ def fit(trainer, loaders, args, files, history, start, timings):
                 files.save(saving.checkpoint(trainer, epoch, args, files, history))
                 last_save = time.monotonic()
     except KeyboardInterrupt:
-        files.save()
-        kept = (f'the best weights so far ({files.best_acc:.2f}%) are in {files.out}'
-                if files.out.exists() else 'no epoch had finished, so nothing was saved')
-        resume_hint = ('; to continue: python train.py --resume with the same arguments'
-                       if files.ckpt.exists() else '')
-        print(f'\ninterrupted in epoch {epoch}; {kept}{resume_hint}', file=sys.stderr)
-        return 130
+        return stop(files, f'interrupted in epoch {epoch}', 130)
+    except Exception as e:
+        if not out_of_memory(e):
+            raise
+        return stop(files, f'in epoch {epoch}, {out_of_memory_advice(args, trainer.device)}', 1)
     report(files, run_best, {**timings, 'saving': files.seconds})
     return 0
+
+
+def stop(files, what, code, advice=None):
+    """End the run early: write the best weights so far, say what happened and where they are
+    (and how to go on), and return the exit code."""
+    files.save()
+    kept = (f'the best weights so far ({files.best_acc:.2f}%) are in {files.out}'
+            if files.out.exists() else 'no epoch had finished, so no weights were saved')
+    if files.ckpt.exists():
+        advice = (advice + '; then' if advice else 'to continue:') + \
+            ' python train.py --resume with the same arguments'
+    print(f'\n{"error: " * (code != 130)}{what}; {kept}{"; " + advice if advice else ""}',
+          file=sys.stderr)
+    return code
+
+
+def out_of_memory(e):
+    """Whether e is torch running out of memory: on a GPU (torch.cuda.OutOfMemoryError), on
+    Apple's mps or in the CPU's allocator (a RuntimeError that says so)."""
+    return isinstance(e, torch.cuda.OutOfMemoryError) or isinstance(e, RuntimeError) and any(
+        s in str(e) for s in ('out of memory', "can't allocate memory", 'not enough memory'))
 
 
 def print_epoch(h, epochs):
@@ -380,10 +419,11 @@ def report(files, run_best, timings):
 
 def main(argv=None):
     args = options.parse_args(argv)
+    device = torch.device('cpu')
     try:
         torch.set_float32_matmul_precision('high')  # TF32 on Ampere and later; no-op on CPU
         options.check_args(args)
-        device = pick_device(args.device)
+        device = options.pick_device(args.device)
         if args.eval:
             return evaluate(args, device)
         return train(args, device)
@@ -393,6 +433,11 @@ def main(argv=None):
     except KeyboardInterrupt:  # while loading data: nothing written yet
         print('\ninterrupted before training started; nothing was written', file=sys.stderr)
         return 130
+    except Exception as e:  # while loading, recording CUDA graphs or evaluating
+        if not out_of_memory(e):
+            raise
+        print(f'error: {out_of_memory_advice(args, device)}', file=sys.stderr)
+        return 1
 
 
 if __name__ == '__main__':
