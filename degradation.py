@@ -28,7 +28,7 @@ import saving
 import speed
 import train
 from data import channel_stats, decode_images, held_size, list_image_folder, load_cifar10, \
-    make_loader
+    make_loader, memory_shortfall
 from errors import UsageError
 from resnet import CifarResNet, count_parameters
 
@@ -39,6 +39,7 @@ DEPTHS = (20, 56)              # the depths compared: the paper's Figure 6 shows
 TRAIN_IMAGES = 7_000           # a random subset of the training images; 0: all of them
 TEST_IMAGES = 1_000            # a random subset of the test images; 0: all of them
 EPOCHS = 5                     # passes over the training subset
+IMAGE_SIZE = 32                # px fed to the nets: CIFAR-10's own size
 BATCH_SIZE = 64                # images per step
 LR = 0.025                     # peak lr (warm-up, then linear decay to 0, as train.py)
 RECIPE = 'article+norm+lr+decay+smoothing+nesterov'  # train.py's fixed recipe less augment
@@ -107,7 +108,10 @@ def load_subsets(args, device):
         train_files, train_y, test_files, test_y, classes = list_image_folder(args.data)
         train_i, test_i = pick(len(train_files), args.train_images), pick(len(test_files),
                                                                           args.test_images)
-        size = held_size(train_files[0], 32)
+        size = held_size(train_files[0], IMAGE_SIZE)
+        shortfall = memory_shortfall(len(train_i) + len(test_i), size, device)
+        if shortfall:
+            raise UsageError(f'the images picked, {shortfall}; pass a smaller --train-images')
         workers = args.workers or os.cpu_count() or 1
         print(f'decoding {len(train_i) + len(test_i):,} of the images in {args.data} '
               f'({workers} processes)...', flush=True)
@@ -237,10 +241,10 @@ def main(argv=None):
         mean, std = channel_stats(train_x) if 'norm' in fixes else ([0.0] * 3, [1.0] * 3)
         common = dict(device=device, workers=args.workers,
                       memory_format=speed.memory_format(device))
-        loaders = (make_loader(train_x, train_y, args.batch_size, mean, std, 32, True,
+        loaders = (make_loader(train_x, train_y, args.batch_size, mean, std, IMAGE_SIZE, True,
                                seed=args.seed, augment='augment' in fixes, **common),
-                   make_loader(test_x, test_y, 2 * args.batch_size, mean, std, 32, False,
-                               **common))
+                   make_loader(test_x, test_y, 2 * args.batch_size, mean, std, IMAGE_SIZE,
+                               False, **common))
         print(f'{len(train_x):,} train and {len(test_x):,} test images, {len(classes)} classes; '
               f'{device.type}, {speed.precision_name(amp_dtype)}, {args.epochs} epochs of '
               f'{len(loaders[0])} batches of {args.batch_size}, peak lr {args.lr}', flush=True)
@@ -249,13 +253,16 @@ def main(argv=None):
     except UsageError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print('\ninterrupted; nothing was written', file=sys.stderr)
+        return 130
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     text = table(records)
     print(text)
     saving.save_text(text + '\n', out.with_suffix('.md'))
-    saving.save_text(json.dumps({'args': {k: v for k, v in vars(args).items()},
-                                 'records': records}, indent=1), out.with_suffix('.json'))
+    saving.save_text(json.dumps({'args': vars(args), 'records': records}, indent=1),
+                     out.with_suffix('.json'))
     if plot(records, out.with_suffix('.png')):
         print(f'wrote {out.with_suffix(".md")}, {out.with_suffix(".json")} and '
               f'{out.with_suffix(".png")}')

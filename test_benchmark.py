@@ -30,7 +30,8 @@ class BenchmarkTest(unittest.TestCase):
         for r in result['results']:
             for key in ('step_img_s', 'epoch_img_s', 'eval_img_s', 'efficiency'):
                 self.assertGreater(r[key], 0, (r['model'], key))
-        for key in ('pil_224_img_s', 'tensor_224_img_s', 'tensor_32_img_s'):
+        for key in ('pil_224_img_s', 'tensor_224_img_s', 'tensor_32_img_s', 'stream_32_img_s',
+                    'stream_224_img_s'):
             self.assertGreater(result['data_path'][key], 0)
 
     def test_a_failed_row_is_reported_and_fails_the_run(self):
@@ -42,7 +43,8 @@ class BenchmarkTest(unittest.TestCase):
             return {'model': name, 'px': 32, 'batch': 8, 'precision': 'fp32', 'launch': 'eager',
                     'step_img_s': 2.0, 'epoch_img_s': 1.0, 'efficiency': 0.5, 'eval_img_s': 3.0}
 
-        rates = {'pil_224_img_s': 1, 'tensor_224_img_s': 2, 'tensor_32_img_s': 3}
+        rates = {'pil_224_img_s': 1, 'tensor_224_img_s': 2, 'tensor_32_img_s': 3,
+                 'stream_32_img_s': 4, 'stream_224_img_s': 5}
         with mock.patch.object(benchmark, 'measure', measure), \
                 mock.patch.object(benchmark, 'data_path_rates', return_value=rates), \
                 contextlib.redirect_stdout(io.StringIO()) as out:
