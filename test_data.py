@@ -181,6 +181,22 @@ class DataPathTest(unittest.TestCase):
             return mode.count
         self.assertLessEqual((kernels(6) - kernels(2)) / 4, 4)
 
+    def test_resize_is_bilinear_and_antialiased(self):
+        # As PIL's Resize: shrinking a 1 px checkerboard averages it to grey (nearest would
+        # keep black and white), and enlarging blends the edge between two halves.
+        board = ((torch.arange(16)[:, None] + torch.arange(16)) % 2 * 255).to(torch.uint8)
+        half = torch.zeros(8, 8, dtype=torch.uint8)
+        half[:, 4:] = 255
+        for image, size in ((board, 8), (half, 16)):
+            images = image.expand(2, 3, *image.shape).contiguous()
+            loader = data.TensorLoader(images, torch.zeros(2, dtype=torch.long), 2, [0] * 3,
+                                       [1 / 255] * 3, size, train=False)
+            x, _ = next(iter(loader))  # pixel values, 0 to 255
+            if size == 8:
+                self.assertLess((x - 127.5).abs().max().item(), 5)  # nearest: 127.5
+            else:
+                self.assertTrue(((x > 10) & (x < 245)).any())
+
     def test_resize_on_the_device(self):
         images = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
         loader = data.TensorLoader(images, torch.zeros(5, dtype=torch.long), 2, [0.5] * 3,

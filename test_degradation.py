@@ -1,5 +1,6 @@
 """Tests for degradation.py: it trains the nets, writes its table and figure, and says in one
 sentence what is wrong with bad input."""
+import copy
 import json
 import sys
 import tempfile
@@ -56,6 +57,23 @@ class DegradationTest(unittest.TestCase):
             self.assertTrue(all(g > 0 for g in r['gradients_at_init'] + r['gradients_after']))
         # A net and its plain twin start from the same weights, so the same first batch.
         self.assertEqual(records[0]['parameters'], records[2]['parameters'])
+
+    def test_a_net_and_its_plain_twin_start_from_the_same_weights(self):
+        made = []
+        real = degradation.CifarResNet
+
+        def make(n, num_classes, plain):
+            model = real(n, num_classes, plain)
+            made.append((n, plain, copy.deepcopy(model.state_dict())))
+            return model
+
+        with mock.patch.object(degradation, 'CifarResNet', side_effect=make):
+            code, _, err = self.run_degradation('--depths', 8, '--epochs', 1, '--train-images',
+                                                16, '--out', self.root / 'twins' / 'result')
+        self.assertEqual(code, 0, err)
+        (n1, plain1, state1), (n2, plain2, state2) = made
+        self.assertEqual((n1, plain1, n2, plain2), (1, True, 1, False))
+        self.assertTrue(all(torch.equal(state1[k], state2[k]) for k in state1))
 
     def test_draws_the_figure_with_matplotlib(self):
         try:

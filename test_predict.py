@@ -70,6 +70,23 @@ class PredictTest(unittest.TestCase):
             self.assertAlmostEqual(sum(probs), 100, delta=0.2)  # a softmax over the classes
             self.assertEqual(probs, sorted(probs, reverse=True))
 
+    def test_each_image_is_prepared_as_evaluation_prepares_it(self):
+        # Read at the size the training images were held at (12 px), resized on the device to
+        # the size the network was fed (16 px), normalised with the training images' mean and
+        # std: what evaluation gives the model, tensor for tensor.
+        cpu = torch.device('cpu')
+        model, meta = predict.load_model(self.weights, cpu)
+        seen = []
+        model.register_forward_pre_hook(lambda m, i: seen.append(i[0]))
+        files = predict.image_files([self.data / 'test'])
+        self.assertEqual(len(list(predict.probabilities(files, model, meta, cpu, None))), 30)
+        _, _, test_files, test_y, _ = data.list_image_folder(self.data)
+        self.assertEqual(files, test_files)
+        evaluation = data.make_loader(data.decode_images(test_files, 12, workers=1),
+                                      torch.tensor(test_y), 64, meta['mean'], meta['std'], 16,
+                                      False, cpu)
+        self.assertTrue(torch.equal(torch.cat(seen), next(iter(evaluation))[0]))
+
     def test_images_that_do_not_fit_are_streamed(self):
         # The same probabilities whether the images are decoded at once or, when they would
         # not fit in memory, batch by batch in worker processes.

@@ -305,7 +305,8 @@ class TrainTest(unittest.TestCase):
         self.assertAlmostEqual(loss, expected, places=5)
 
     def test_train_loss_and_accuracy_are_over_samples(self):
-        # As in validation, the article's mean of batch means over-weighted a short batch.
+        # Over samples for any loader. (Not an article bug: its train loader dropped the short
+        # last batch, so its mean of batch means was right there.)
         torch.manual_seed(0)
         model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights stay put
@@ -573,6 +574,16 @@ class TrainTest(unittest.TestCase):
             x = torch.cat(batches).float().transpose(0, 1).flatten(1)  # (C, all pixels)
             self.assertLess(x.mean(dim=1).abs().max().item(), 0.15, training)
             self.assertLess((x.std(dim=1) - 1).abs().max().item(), 0.15, training)
+        # With the mean and std of the training images (not the test images'); and evaluation
+        # sees each test image once, in order, neither cropped nor flipped.
+        train_files, _, test_files, _, _ = data.list_image_folder(self.data)
+        meta = json.loads(self.out.with_suffix('.json').read_text())
+        self.assertEqual((meta['mean'], meta['std']),
+                         data.channel_stats(data.decode_images(train_files, 8, workers=1)))
+        mean, std = (torch.tensor(meta[k]).view(1, 3, 1, 1) for k in ('mean', 'std'))
+        test_x = data.decode_images(test_files, 8, workers=1)
+        torch.testing.assert_close(torch.cat(fed[False]), (test_x / 255 - mean) / std,
+                                   rtol=0, atol=1e-5)
 
     def test_trainer_takes_the_articles_dataloader(self):
         # The article's loop moves each batch to the device and makes the targets long, so any
@@ -625,9 +636,10 @@ class TrainTest(unittest.TestCase):
             self.assertEqual(torch.load(out.with_suffix('.ckpt'), weights_only=True)['epoch'], 1)
         # In evaluation too; and an error that is not about memory stays a traceback.
         with mock.patch.object(train.Trainer, 'epoch_valid', side_effect=errors[0]):
-            code, _, err = run_main('--eval', out, '--device', 'cpu')
+            code, _, err = run_main('--eval', out, '--device', 'cpu', '--batch-size', 64)
         self.assertEqual((code, err.count('\n')), (1, 1), err)
-        self.assertIn('ran out of memory', err)
+        self.assertIn('ran out of memory evaluating batches of 128 images; pass a smaller '
+                      '--batch-size', err)
         with mock.patch.object(train.Trainer, 'epoch_valid', side_effect=RuntimeError('other')), \
                 self.assertRaisesRegex(RuntimeError, 'other'):
             run_main('--eval', out, '--device', 'cpu')

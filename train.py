@@ -247,6 +247,9 @@ def eval_batch_size(args):
 
 
 def out_of_memory_advice(args, device):
+    if args.eval:  # the image size is the one weight.json records
+        return (f'the {device.type} ran out of memory evaluating batches of '
+                f'{eval_batch_size(args)} images; pass a smaller --batch-size')
     return (f'the {device.type} ran out of memory for batches of {args.batch_size} images at '
             f'{args.image_size} px; pass a smaller --batch-size or --image-size')
 
