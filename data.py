@@ -3,7 +3,9 @@
 Stands in for the article's DataLoader over torchvision's CIFAR10 with PIL transforms
 ("ResNetを用いた画像認識"): CIFAR-10 or any image folder is read once (in parallel), checked,
 and held as one (N, 3, H, W) uint8 tensor; TensorLoader crops, flips, normalises and resizes
-whole batches of it on the device.
+whole batches of it on the device. A folder too large for memory is streamed instead:
+StreamLoader has DataLoader workers decode its batches in every epoch, then treats them as
+TensorLoader does.
 """
 import contextlib
 import math

@@ -48,7 +48,7 @@ OUT = 'runs/degradation'       # .md (the table), .json and .png (the figure) go
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description='Train the paper\'s CIFAR-10 ResNets and their plain twins at two depths '
+        description='Train the paper\'s CIFAR-10 ResNets and their plain twins at each depth '
                     'and compare their training error (the paper\'s Figure 6).')
     p.add_argument('--data', metavar='DIR', help='ImageFolder tree DIR/train/<class>/*, '
                    'DIR/test/<class>/* (default: CIFAR-10 in --data-root)')
@@ -81,7 +81,8 @@ def parse_args(argv=None):
                         '(default: %(default)s)')
     p.add_argument('--workers', type=options.positive(int, allow_zero=True),
                    default=config.NUM_WORKERS,
-                   help='processes decoding an image folder; 0: one per CPU core')
+                   help='processes decoding an image folder; 0: one per CPU core (default: '
+                        '%(default)s)')
     options.add_device_argument(p)
     p.add_argument('--precision', choices=['auto', *speed.PRECISIONS], default=config.PRECISION,
                    help='as train.py\'s --precision (default: %(default)s)')
