@@ -52,13 +52,14 @@ def _class_names(split_dir):
 
 
 def find_images(folder):
-    """The image files under folder, at any depth, as sorted path strings (hidden files and
-    other file types left out)."""
+    """The image files under folder, at any depth, as path strings in the order of
+    torchvision's ImageFolder: folder by folder (sorted, symlinks followed), each folder's files
+    sorted. Hidden files (a Mac's ._photo.jpg) and other file types are left out."""
     found = []
-    for parent, _, names in os.walk(folder):  # 3x faster than Path.rglob
-        found += [os.path.join(parent, n) for n in names if not n.startswith('.')
+    for parent, _, names in sorted(os.walk(folder, followlinks=True)):  # faster than rglob
+        found += [os.path.join(parent, n) for n in sorted(names) if not n.startswith('.')
                   and os.path.splitext(n)[1].lower() in IMG_EXTENSIONS]
-    return sorted(found)
+    return found
 
 
 def _list_images(split_dir, classes):
@@ -123,9 +124,10 @@ def decode_images(files, size, workers, chunk=500):
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Image files, decoded one by one when asked (in a DataLoader's worker processes): what
-    the article's torchvision ImageFolder does, over the same file list as the in-memory path,
-    so that both read the same images in the same order."""
+    """Image files, decoded one by one when asked (in a DataLoader's worker processes): the
+    article's torchvision ImageFolder, over list_image_folder's files (ImageFolder's own list
+    and order), so that the in-memory and streaming paths read the same images in one order.
+    Every file is decoded by decode_image, upright and at the held size."""
 
     def __init__(self, files, size):
         self.files, self.size = files, size

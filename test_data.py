@@ -252,6 +252,24 @@ class StreamTest(unittest.TestCase):
             self.assertTrue(torch.equal(xa, xb) and torch.equal(ya, yb))
         self.assertEqual(data.channel_stats(files), data.channel_stats(images))
 
+    def test_the_files_and_labels_are_imagefolders(self):
+        # The article's torchvision ImageFolder lists each class folder by folder, a folder's
+        # files before its subfolders', each sorted: D.PNG, b, c, then a/z. One sort of the
+        # whole paths would give D.PNG, a/z, b, c.
+        import torchvision
+        with tempfile.TemporaryDirectory() as tmp:
+            for path in ('train/cat/b.png', 'train/cat/a/z.png', 'train/cat/c.png',
+                         'train/cat/D.PNG', 'train/dog/x.png', 'train/dog/notes.txt',
+                         'test/cat/t.png', 'test/dog/u.png'):
+                Path(tmp, path).parent.mkdir(parents=True, exist_ok=True)
+                Image.new('RGB', (4, 4)).save(Path(tmp, path), format='PNG')
+            files, labels, _, _, classes = data.list_image_folder(tmp)
+            want = torchvision.datasets.ImageFolder(Path(tmp, 'train'))
+        self.assertEqual([Path(f).name for f in files], ['D.PNG', 'b.png', 'c.png', 'z.png',
+                                                         'x.png'])
+        self.assertEqual(list(zip(files, labels)), want.samples)
+        self.assertEqual(classes, want.classes)
+
     def test_an_unreadable_image_is_one_sentence_from_a_worker(self):
         files = data.ImageFiles([str(p) for p in sorted(Path(self.root, 'test').rglob('*.png'))],
                                 8)
