@@ -11,6 +11,7 @@ STREAM = False                # decode the folder every epoch, not once (automat
 IMAGE_SIZE = 32               # px fed to the model; the article resized to 224 (10x the compute)
 CROP_PADDING = 4              # random crop: reflect-pad by this many px, crop back to size
 NUM_WORKERS = 0               # processes that decode an image folder; 0: one per CPU core
+VALID_SPLIT = 0.1             # fraction of the training images held out to choose the best epoch
 
 # Model
 MODEL = 'resnet18'            # the network to train

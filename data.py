@@ -279,6 +279,29 @@ def channel_stats(images, chunk=4096, sample=10_000, workers=1):
     return mean.tolist(), std.tolist()
 
 
+def split_valid(labels, fraction, seed):
+    """Indices (train, valid) that hold out `fraction` of each class's images for validation,
+    drawn with `seed`: the same images for the same labels, fraction and seed. Every class with
+    two images or more gives at least one, and keeps at least one to train on. fraction 0:
+    every image trains."""
+    g = torch.Generator().manual_seed(seed)
+    train, valid = [], []
+    for c in labels.unique().tolist():
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        k = min(max(round(fraction * len(idx)), 1), len(idx) - 1) if fraction > 0 else 0
+        valid.append(idx[:k])
+        train.append(idx[k:])
+    return torch.cat(train).sort().values, torch.cat(valid).sort().values
+
+
+def subset(images, idx):
+    """The images at idx (a tensor of indices): of a uint8 tensor, or of ImageFiles."""
+    if isinstance(images, ImageFiles):
+        return ImageFiles([images.files[i] for i in idx.tolist()], images.size)
+    return images[idx]
+
+
 def make_loader(images, labels, batch_size, mean, std, image_size, train, device,
                 workers=0, **kwargs):
     """The loader of a data set: TensorLoader for a uint8 tensor (moved to device), or

@@ -43,6 +43,14 @@ def positive(kind, allow_zero=False):
     return parse
 
 
+def fraction(text):
+    """An argparse type: a number from 0 up to, not including, 1."""
+    value = positive(float, allow_zero=True)(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f'must be below 1 (a fraction), got {text}')
+    return value
+
+
 def recipe(text):
     """An argparse type: 'fixed', 'article' or 'article+FIX+...', written canonically."""
     parts = text.split('+')
@@ -101,6 +109,12 @@ def build_parser():
     p.add_argument('--stream', action='store_true', default=config.STREAM,
                    help='decode the image folder in worker processes every epoch instead of '
                         'holding it in memory (taken by itself when it does not fit)')
+    p.add_argument('--valid-split', type=fraction, default=config.VALID_SPLIT,
+                   metavar='FRACTION',
+                   help='fraction of each class\'s training images held out (drawn with --seed) '
+                        'to choose the best epoch; the test images choose nothing and are '
+                        'measured once, at the end; 0: no validation, the last epoch is kept '
+                        '(default: %(default)s)')
     p.add_argument('--epochs', type=positive(int), default=config.NUM_EPOCHS,
                    help='passes over the training set (default: %(default)s)')
     p.add_argument('--batch-size', type=positive(int), default=None,

@@ -67,6 +67,8 @@ def save_plot(history, path):
     epochs = [h['epoch'] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for split in ('train', 'valid'):
+        if history[0][f'{split}_acc'] is None:  # --valid-split 0: nothing was validated
+            continue
         ax1.plot(epochs, [h[f'{split}_loss'] for h in history], label=split)
         ax2.plot(epochs, [h[f'{split}_acc'] for h in history], label=split)
     ax1.set(xlabel='epoch', ylabel='loss')
@@ -79,43 +81,67 @@ def save_plot(history, path):
 
 
 class RunFiles:
-    """The files of one training run, beside `out`, and the best accuracy they hold.
+    """The files of one training run, beside `out`, and the validation accuracy they hold.
 
-    A good weight.pth is only ever replaced by better weights of the same setup: the weights
-    already at `out`, if any, set the accuracy to beat, and weights of another setup, or whose
-    weight.json is gone, stop the run before anything is written.
+    A good weight.pth is only ever replaced by weights of the same setup that are better on the
+    validation images: the weights already at `out`, if any, set the accuracy to beat, and
+    weights of another setup, or whose weight.json is gone, stop the run before anything is
+    written. The test accuracy is recorded once, at the end, and chooses nothing.
     """
 
     def __init__(self, out, setup, info, resume=False):
         self.out = Path(out)
         self.json, self.ckpt = self.out.with_suffix('.json'), self.out.with_suffix('.ckpt')
-        self.setup = setup  # what must match to compare or resume: model, data, classes, ...
+        self.setup = setup  # what must match to compare or resume: model, data, split, ...
         self.info = info  # also written to weight.json: mean, std, epochs
-        self.best_acc, self.best_epoch = -1.0, 0
+        self.valid_acc, self.best_epoch = -1.0, 0  # of the weights in out (None: no validation)
+        self.test_acc = None  # of the weights in out, once measured
         self.best_params = None  # best weights not yet written
-        self.improved = False  # whether this run beat the weights already in out
+        self.improved = False  # whether this run replaced the weights in out
         self.seconds = 0.0  # spent writing
         if self.out.exists():
             self._read_previous(resume)
 
     def _read_previous(self, resume):
         prev = read_json(self.json)
-        if prev is None or not isinstance(prev.get('best_acc'), (int, float)):
+        acc = prev.get('valid_acc', 'missing') if prev else 'missing'
+        if not (acc is None or isinstance(acc, (int, float))):
             raise UsageError(f'{self.out} already holds weights, but {self.json}, which says what '
                              f'they are and how good, is missing or unreadable; pass --out NEW.pth '
                              f'to write elsewhere, or move {self.out} away')
         if {k: prev.get(k) for k in self.setup} != self.setup:
             raise UsageError(f'{self.out} already holds weights of another setup; pass --out '
                              f'NEW.pth to write elsewhere, or move {self.out} away')
-        self.best_acc, self.best_epoch = prev['best_acc'], prev.get('best_epoch', 0)
-        if not resume:
-            print(f'{self.out} exists ({self.best_acc:.2f}%); this run replaces it only with '
-                  f'better weights')
+        self.valid_acc, self.best_epoch = acc, prev.get('best_epoch', 0)
+        self.test_acc = prev.get('test_acc')
+        if resume:
+            return
+        if acc is None:
+            raise UsageError(f'{self.out} already holds weights of a run without validation '
+                             f'images, and only the test set could tell whether this run does '
+                             f'better; pass --out NEW.pth to write elsewhere, or move {self.out} '
+                             f'away')
+        print(f'{self.out} exists (valid accuracy {acc:.2f}%); this run replaces it only with '
+              f'weights better on the validation images')
 
-    def keep_best(self, params, acc, epoch):
-        """New best weights (a copy, not the live state_dict), written at the next save."""
-        self.best_params, self.best_acc, self.best_epoch = params, acc, epoch
+    def offer(self, params, acc, epoch):
+        """Keep params (a copy, not the live state_dict) to write at the next save if their
+        validation accuracy beats the weights in out; acc None (no validation): always."""
+        if acc is not None and self.valid_acc is not None and acc <= self.valid_acc:
+            return
+        self.best_params, self.valid_acc, self.best_epoch = params, acc, epoch
+        self.test_acc = None
         self.improved = True
+
+    def record_test(self, acc):
+        """The test accuracy of the weights in out, measured once after the run chose them."""
+        self.test_acc = acc
+        self._write_json()
+
+    def _write_json(self):
+        save_text(json.dumps({**self.setup, **self.info, 'valid_acc': self.valid_acc,
+                              'best_epoch': self.best_epoch, 'test_acc': self.test_acc},
+                             indent=1), self.json)
 
     def save(self, checkpoint=None):
         """Write the best weights, if new, and after a completed epoch its checkpoint (with the
@@ -123,8 +149,7 @@ class RunFiles:
         t = time.perf_counter()
         if self.best_params is not None:
             save_torch(self.best_params, self.out)
-            save_text(json.dumps({**self.setup, **self.info, 'best_acc': self.best_acc,
-                                  'best_epoch': self.best_epoch}, indent=1), self.json)
+            self._write_json()
             self.best_params = None
         if checkpoint is not None:
             save_torch(checkpoint, self.ckpt)
@@ -149,7 +174,7 @@ def load_weights(path):
 
 
 CHECKPOINT_KEYS = ('model', 'optimizer', 'scheduler', 'scaler', 'rng', 'epoch', 'epochs',
-                   'batch_size', 'setup', 'history')
+                   'batch_size', 'precision', 'setup', 'history', 'improved')
 
 
 def load_checkpoint(path):
@@ -188,7 +213,7 @@ def load_optimizer_state(optimizer, state):
 
 def check_same_run(ckpt, args, setup, precision):
     """Stop unless the checkpoint is of the run these arguments describe."""
-    was_precision = ckpt.get('precision', precision)  # older checkpoints lack it
+    was_precision = ckpt['precision']
     if ckpt['setup'] != setup or ckpt['epochs'] != args.epochs \
             or ckpt['batch_size'] != args.batch_size or was_precision != precision:
         was = ckpt['setup']
@@ -196,9 +221,10 @@ def check_same_run(ckpt, args, setup, precision):
                          f'{ckpt["epochs"]} --batch-size {ckpt["batch_size"]} --precision '
                          f'{was_precision} --model {was["model"]}'
                          f'{" --small-input" if was["small_input"] else ""}'
-                         f'{" --plain" if was.get("plain") else ""} --image-size '
-                         f'{was["image_size"]} --recipe {was.get("recipe", "fixed")}); resume it '
-                         f'with the same arguments')
+                         f'{" --plain" if was["plain"] else ""} --image-size '
+                         f'{was["image_size"]} --recipe {was["recipe"]} --valid-split '
+                         f'{was["valid_split"]["fraction"]} --seed {was["valid_split"]["seed"]}); '
+                         f'resume it with the same arguments')
 
 
 def resume(trainer, ckpt, args, files):
@@ -208,6 +234,7 @@ def resume(trainer, ckpt, args, files):
     trainer.scheduler.load_state_dict(ckpt['scheduler'])
     trainer.scaler.load_state_dict(ckpt['scaler'])
     set_rng_state(ckpt['rng'], trainer.device)
+    files.improved = ckpt['improved']  # whether the epochs before replaced the weights in out
     if ckpt['epoch'] >= args.epochs:
         print(f'{files.ckpt}: that run already finished (epoch {args.epochs} of {args.epochs})')
     else:
@@ -242,4 +269,4 @@ def checkpoint(trainer, epoch, args, files, history):
             'scheduler': trainer.scheduler.state_dict(), 'scaler': trainer.scaler.state_dict(),
             'rng': rng_state(trainer.device), 'epoch': epoch, 'epochs': args.epochs,
             'batch_size': args.batch_size, 'precision': files.info['precision'],
-            'setup': files.setup, 'history': history}
+            'setup': files.setup, 'history': history, 'improved': files.improved}

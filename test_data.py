@@ -205,6 +205,37 @@ class DataPathTest(unittest.TestCase):
                          [(2, 3, 20, 20), (2, 3, 20, 20), (1, 3, 20, 20)])
 
 
+class ValidSplitTest(unittest.TestCase):
+    """The validation images that choose the best epoch, held out of the training images."""
+
+    def test_each_class_is_split_apart_and_the_seed_fixes_the_split(self):
+        counts = [100, 50, 20, 3, 2]
+        labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+        labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(1))]
+        train, valid = data.split_valid(labels, 0.1, seed=0)
+        self.assertEqual(sorted(train.tolist() + valid.tolist()), list(range(len(labels))))
+        self.assertEqual(set(train.tolist()) & set(valid.tolist()), set())
+        # A tenth of each class, and at least one image of each in both parts.
+        self.assertEqual(labels[valid].bincount().tolist(), [10, 5, 2, 1, 1])
+        self.assertEqual(labels[train].bincount().tolist(), [90, 45, 18, 2, 1])
+        again = data.split_valid(labels, 0.1, seed=0)
+        self.assertTrue(torch.equal(valid, again[1]) and torch.equal(train, again[0]))
+        self.assertFalse(torch.equal(valid, data.split_valid(labels, 0.1, seed=1)[1]))
+        train, valid = data.split_valid(labels, 0.0, seed=0)
+        self.assertEqual((len(train), len(valid)), (len(labels), 0))
+
+    def test_a_subset_of_files_is_the_same_images(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            root = make_colour_folder(Path(tmp, 'c'), n_train=4, n_test=1)
+            files, _, _, _, _ = data.list_image_folder(root)
+            idx = torch.tensor([0, 3, 7])
+            held = data.decode_images(files, 8, workers=1)
+            picked = data.subset(data.ImageFiles(files, 8), idx)
+            self.assertEqual(picked.files, [files[i] for i in (0, 3, 7)])
+            self.assertTrue(torch.equal(data.subset(held, idx),
+                                        torch.stack([picked[i] for i in range(3)])))
+
+
 class StreamTest(unittest.TestCase):
     """The streaming path: ImageFiles decoded by DataLoader workers, batch by batch."""
 

@@ -10,7 +10,6 @@ import io
 import json
 import math
 import os
-import re
 import sys
 import tempfile
 import unittest
@@ -42,7 +41,8 @@ class TrainTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.tmp = tempfile.TemporaryDirectory()
-        cls.data = make_colour_folder(Path(cls.tmp.name, 'colours'))
+        # 18 a class (and 2 more): 6 held out for validation, 50 to train on.
+        cls.data = make_colour_folder(Path(cls.tmp.name, 'colours'), n_train=18)
 
     @classmethod
     def tearDownClass(cls):
@@ -71,13 +71,15 @@ class TrainTest(unittest.TestCase):
         # The article printed {num_epochs}, undefined: NameError in the first epoch.
         self.assertIn('epoch 1/2', out)
         meta = json.loads(self.out.with_suffix('.json').read_text())
-        self.assertGreater(meta['best_acc'], 80)  # chance is 33%
+        self.assertGreater(meta['test_acc'], 80)  # chance is 33%
+        self.assertIn('50 train, 6 valid and 30 test images', out)
         last = out.strip().splitlines()[-1]
-        self.assertRegex(last, r'best .*\d\d\.\d\d% .*epoch \d')
+        self.assertRegex(last, r'test accuracy \d+\.\d\d% on the 30 test images, measured '
+                               r'once \(epoch \d, chosen by its valid accuracy \d+\.\d\d%\)')
         self.assertIn(str(self.out), last)
-        self.assertIn('per-class accuracy', out)
+        self.assertIn('per-class test accuracy', out)
         self.assertRegex(out, r'\nseconds: loading data [\d.]+, training [\d.]+, '
-                              r'evaluating [\d.]+, saving [\d.]+\n')
+                              r'evaluating [\d.]+, testing [\d.]+, saving [\d.]+\n')
         # A plain state_dict that the article's model loads as the article implies.
         model = ResNet18(3, small_input=True)
         model.load_state_dict(torch.load(self.out, weights_only=True))
@@ -107,7 +109,9 @@ class TrainTest(unittest.TestCase):
         real_valid = train.Trainer.epoch_valid
 
         def fake_valid(trainer, loader):
-            loss, _ = real_valid(trainer, loader)
+            loss, acc = real_valid(trainer, loader)
+            if len(loader.labels) == 30:  # the test, after the epochs
+                return loss, acc
             states.append({k: v.clone() for k, v in trainer.params.items()})
             return loss, next(accs)
 
@@ -118,7 +122,69 @@ class TrainTest(unittest.TestCase):
         key = 'layer4.blocks.0.conv2.weight'
         self.assertTrue(torch.equal(saved[key], states[0][key]))
         self.assertFalse(torch.equal(saved[key], states[1][key]))
-        self.assertIn('best valid accuracy 60.00% at epoch 1', out)
+        self.assertIn('(epoch 1, chosen by its valid accuracy 60.00%)', out)
+
+    def test_the_validation_images_choose_and_the_test_images_are_measured_once(self):
+        # Article: it validated on the test set and kept the epoch best there. Here the
+        # validation images choose (epoch 2), though the test images favour epoch 1, and the
+        # test set is measured once, after the choice, on the weights chosen.
+        n_valid, n_test = 6, 30
+        accs = {n_valid: [70.0, 90.0, 80.0], n_test: [95.0, 60.0, 85.0]}
+        seen, states = [], []
+        real_valid = train.Trainer.epoch_valid
+
+        def fake_valid(trainer, loader):
+            n = len(loader.labels)
+            seen.append(n)
+            states.append({k: v.clone() for k, v in trainer.params.items()})
+            loss, acc = real_valid(trainer, loader)
+            return (loss, accs[n].pop(0)) if accs[n] else (loss, acc)
+
+        with mock.patch.object(train.Trainer, 'epoch_valid', fake_valid):
+            code, out, err = self.train('--epochs', 3)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(seen, [n_valid] * 3 + [n_test])
+        meta = json.loads(self.out.with_suffix('.json').read_text())
+        self.assertEqual((meta['valid_acc'], meta['best_epoch']), (90.0, 2))
+        self.assertEqual(meta['valid_split'], {'fraction': 0.1, 'seed': 0})
+        key = 'layer4.blocks.0.conv2.weight'
+        self.assertTrue(torch.equal(states[-1][key], states[1][key]))  # tested: epoch 2's
+        self.assertTrue(torch.equal(torch.load(self.out, weights_only=True)[key], states[1][key]))
+        self.assertIn(f'test accuracy {meta["test_acc"]:.2f}% on the 30 test images, measured '
+                      f'once (epoch 2, chosen by its valid accuracy 90.00%)', out)
+
+    def test_validation_images_are_held_out_of_the_training_images(self):
+        loaders = []
+        real_make = train.make_loader
+
+        def make(images, labels, *args, **kwargs):
+            loaders.append(images)
+            return real_make(images, labels, *args, **kwargs)
+
+        with mock.patch.object(train, 'make_loader', make):
+            code, out, err = self.train('--epochs', 1)
+        self.assertEqual(code, 0, err)
+        rows = [{bytes(x.flatten().tolist()) for x in images} for images in loaders]
+        trained, validated, tested = rows
+        self.assertEqual((len(trained), len(validated), len(tested)), (50, 6, 30))
+        self.assertFalse(trained & validated or trained & tested or validated & tested)
+
+    def test_no_validation_keeps_the_last_epoch(self):
+        code, out, err = self.train('--valid-split', 0)
+        self.assertEqual(code, 0, err)
+        self.assertIn('56 train, 0 valid and 30 test images', out)
+        self.assertIn('no validation', out)
+        meta = json.loads(self.out.with_suffix('.json').read_text())
+        self.assertEqual((meta['valid_acc'], meta['best_epoch']), (None, 2))
+        last = torch.load(self.out.with_suffix('.ckpt'), weights_only=True)['model']
+        for k, v in torch.load(self.out, weights_only=True).items():
+            self.assertTrue(torch.equal(v, last[k]), k)
+        # Nothing but the test set could say whether another such run does better.
+        before = self.out.read_bytes()
+        code, _, err = self.train('--valid-split', 0)
+        self.assertEqual((code, err.count('\n')), (2, 1))
+        self.assertIn('without validation images', err)
+        self.assertEqual(self.out.read_bytes(), before)
 
     def test_starts_without_torchvision(self):
         # Importing torchvision costs about 3 s on 2 cores; train.py needs it for CIFAR-10 only.
@@ -446,19 +512,13 @@ class TrainTest(unittest.TestCase):
     def test_eval_round_trip_and_bad_weight_files(self):
         code, _, err = self.train()
         self.assertEqual(code, 0, err)
-        best = json.loads(self.out.with_suffix('.json').read_text())['best_acc']
+        measured = json.loads(self.out.with_suffix('.json').read_text())['test_acc']
         code, out, err = run_main('--eval', self.out, '--data', self.data, '--device', 'cpu',
                                   '--workers', 1)
         self.assertEqual(code, 0, err)
-        self.assertIn(f'test accuracy {best:.2f}%', out)
+        self.assertIn(f'test accuracy {measured:.2f}% on 30 images', out)
+        self.assertIn(f'the run measured {measured:.2f}%', out)
         self.assertIn('per-class accuracy', out)
-        # The loss is the one the training log printed for that epoch (label smoothing too).
-        meta = json.loads(self.out.with_suffix('.json').read_text())
-        with open(self.out.with_suffix('.csv')) as f:
-            logged = next(float(row['valid_loss']) for row in csv.DictReader(f)
-                          if int(row['epoch']) == meta['best_epoch'])
-        printed = float(re.search(r'loss (\d+\.\d+)\)', out).group(1))
-        self.assertAlmostEqual(printed, logged, delta=0.0006)
 
         code, _, err = run_main('--eval', self.dir / 'missing.pth', '--data', self.data)
         self.assertEqual((code, err.count('\n')), (2, 1))
@@ -508,13 +568,24 @@ class TrainTest(unittest.TestCase):
         self.assertEqual(code, 0, err)
         meta_path = self.out.with_suffix('.json')
         meta = json.loads(meta_path.read_text())
-        meta['best_acc'] = 100.0
+        meta['valid_acc'] = 100.0
         meta_path.write_text(json.dumps(meta))
         before = self.out.read_bytes()
         code, out, err = self.train()
         self.assertEqual(code, 0, err)
         self.assertEqual(self.out.read_bytes(), before)
         self.assertIn('kept', out.splitlines()[-1])
+        self.assertIn('test accuracy', out.splitlines()[-1])  # of this run's choice, unsaved
+        self.assertEqual(json.loads(meta_path.read_text()), meta)
+        # The validation accuracy decides, never the test accuracy.
+        meta.update(valid_acc=0.0, test_acc=100.0)
+        meta_path.write_text(json.dumps(meta))
+        code, out, err = self.train()
+        self.assertEqual(code, 0, err)
+        self.assertIn('saved to', out.splitlines()[-1])
+        replaced = json.loads(meta_path.read_text())
+        self.assertGreater(replaced['valid_acc'], 0.0)
+        self.assertIn(f'test accuracy {replaced["test_acc"]:.2f}%', out.splitlines()[-1])
         # Weights of another setup are not compared; the run refuses to touch them.
         code, _, err = self.train('--model', 'resnet34')
         self.assertEqual((code, err.count('\n')), (2, 1))
@@ -574,16 +645,17 @@ class TrainTest(unittest.TestCase):
             x = torch.cat(batches).float().transpose(0, 1).flatten(1)  # (C, all pixels)
             self.assertLess(x.mean(dim=1).abs().max().item(), 0.15, training)
             self.assertLess((x.std(dim=1) - 1).abs().max().item(), 0.15, training)
-        # With the mean and std of the training images (not the test images'); and evaluation
-        # sees each test image once, in order, neither cropped nor flipped.
-        train_files, _, test_files, _, _ = data.list_image_folder(self.data)
+        # With the mean and std of the images trained on (not the validation or test images');
+        # and the test sees each test image once, in order, neither cropped nor flipped.
+        train_files, labels, test_files, _, _ = data.list_image_folder(self.data)
+        train_idx, _ = data.split_valid(torch.tensor(labels), 0.1, 0)
+        train_x = data.decode_images(train_files, 8, workers=1)[train_idx]
         meta = json.loads(self.out.with_suffix('.json').read_text())
-        self.assertEqual((meta['mean'], meta['std']),
-                         data.channel_stats(data.decode_images(train_files, 8, workers=1)))
+        self.assertEqual((meta['mean'], meta['std']), data.channel_stats(train_x))
         mean, std = (torch.tensor(meta[k]).view(1, 3, 1, 1) for k in ('mean', 'std'))
         test_x = data.decode_images(test_files, 8, workers=1)
-        torch.testing.assert_close(torch.cat(fed[False]), (test_x / 255 - mean) / std,
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(torch.cat(fed[False])[-len(test_x):],
+                                   (test_x / 255 - mean) / std, rtol=0, atol=1e-5)
 
     def test_trainer_takes_the_articles_dataloader(self):
         # The article's loop moves each batch to the device and makes the targets long, so any
@@ -696,13 +768,13 @@ class TrainTest(unittest.TestCase):
             code, out, err = self.train()
         self.assertEqual(code, 0, err)
         first = out.splitlines()[0]
-        self.assertIn(f'streaming 80 images from {self.data}: held at 8 px they need 0.0 GiB of '
+        self.assertIn(f'streaming 86 images from {self.data}: held at 8 px they need 0.0 GiB of '
                       f'RAM, and 1.0 GiB is free', first)
-        n_train, n_test = 50, 30
+        n_train, n_valid, n_test = 50, 6, 30
         # a probe, the 50 train images for their statistics, then 2 epochs of 3 batches of 16
-        # and 2 evaluations
-        self.assertEqual(opened.call_count, 1 + n_train + 2 * 48 + 2 * n_test)
-        self.assertGreater(json.loads(self.out.with_suffix('.json').read_text())['best_acc'], 80)
+        # and 2 validations, and one test
+        self.assertEqual(opened.call_count, 1 + n_train + 2 * 48 + 2 * n_valid + n_test)
+        self.assertGreater(json.loads(self.out.with_suffix('.json').read_text())['test_acc'], 80)
         self.assertTrue(self.out.with_suffix('.ckpt').is_file())
 
 
@@ -815,7 +887,7 @@ class TrainInputTest(unittest.TestCase):
             code, out, err = run_main('--data-root', self.root, '--epochs', 1, '--batch-size', 25,
                                       '--out', self.root / 'w.pth', '--device', 'cpu')
         self.assertEqual(code, 0, err)
-        self.assertIn('50 train and 10 test images, 10 classes', out)
+        self.assertIn('40 train, 10 valid and 10 test images, 10 classes', out)
         self.assertEqual(json.loads((self.root / 'w.json').read_text())['data'], 'cifar10')
 
     def test_offline_download_says_what_to_do(self):

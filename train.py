@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -24,7 +25,8 @@ import resnet
 import saving
 import speed
 from alexnet import AlexNet
-from data import channel_stats, load_cifar10, load_image_folder, make_loader
+from data import channel_stats, load_cifar10, load_image_folder, make_loader, split_valid, \
+    subset
 from errors import UsageError
 
 
@@ -180,7 +182,8 @@ def setup_of(args, classes):
     data = str(Path(args.data).resolve()) if args.data else 'cifar10'
     return {'model': args.model, 'small_input': args.small_input, 'plain': args.plain,
             'image_size': args.image_size, 'data': data, 'classes': list(classes),
-            'recipe': args.recipe}
+            'recipe': args.recipe,
+            'valid_split': {'fraction': args.valid_split, 'seed': args.seed}}
 
 
 def load_data(data_dir, args, image_size, device, need_train=True):
@@ -235,8 +238,10 @@ def evaluate(args, device):
     loss, acc = trainer.epoch_valid(loader)
     print('per-class accuracy:')
     print_class_accuracy(classes, trainer.class_accuracy)
+    recorded = meta.get('test_acc')
     print(f'{path}: test accuracy {acc:.2f}% on {len(test_x):,} images ({what}, '
-          f'{image_size} px, loss {loss:.3f})')
+          f'{image_size} px, loss {loss:.3f})' +
+          (f'; the run measured {recorded:.2f}%' if recorded is not None else ''))
     return 0
 
 
@@ -271,12 +276,19 @@ def train(args, device):
     precision = speed.precision_name(amp_dtype)
     t0 = time.perf_counter()
     train_x, train_y, test_x, test_y, classes = load_data(args.data, args, args.image_size, device)
+    # Article: it validated on the test set and kept the epoch best there, so the accuracy it
+    # reported was chosen on the images it was measured on. Validation images, held out of the
+    # training images, choose here; the test images are measured once, at the end.
+    train_idx, valid_idx = split_valid(train_y, args.valid_split, args.seed)
+    valid_x, valid_y = subset(train_x, valid_idx), train_y[valid_idx]
+    train_x, train_y = subset(train_x, train_idx), train_y[train_idx]
     fixes = options.fixes_of(args.recipe)
     # The article fed raw [0, 1] pixels; the fix normalises with the training images' statistics.
     mean, std = (channel_stats(train_x, workers=args.workers or os.cpu_count() or 1)
                  if 'norm' in fixes else ([0.0] * 3, [1.0] * 3))
     timings = {'loading data': time.perf_counter() - t0}
-    print(f'{len(train_x):,} train and {len(test_x):,} test images, {len(classes)} classes, '
+    print(f'{len(train_x):,} train, {len(valid_x):,} valid and {len(test_x):,} test images, '
+          f'{len(classes)} classes, '
           f'held at {train_x.shape[-1]} px, fed at {args.image_size} px; '
           f'mean {[round(m, 4) for m in mean]}, std {[round(s, 4) for s in std]} '
           f'({timings["loading data"]:.1f} s)')
@@ -296,8 +308,9 @@ def train(args, device):
     common = dict(device=device, workers=args.workers, memory_format=speed.memory_format(device))
     train_loader = make_loader(train_x, train_y, args.batch_size, mean, std, args.image_size,
                                True, seed=args.seed, augment='augment' in fixes, **common)
-    valid_loader = make_loader(test_x, test_y, eval_batch_size(args), mean, std,
-                               args.image_size, False, **common)
+    valid_loader, test_loader = (
+        make_loader(x, y, eval_batch_size(args), mean, std, args.image_size, False, **common)
+        if len(x) else None for x, y in ((valid_x, valid_y), (test_x, test_y)))
     scheduler = build_schedule(optimizer, args.epochs * len(train_loader), fixes)
     trainer = Trainer(model, optimizer, build_criterion(fixes), device, scheduler, amp_dtype)
     if device.type == 'cuda':
@@ -317,7 +330,8 @@ def train(args, device):
           f'{plural(len(train_loader), "batch", "batches")} of '
           f'{args.batch_size}, peak lr {args.lr}')
     out.parent.mkdir(parents=True, exist_ok=True)
-    return fit(trainer, (train_loader, valid_loader), args, files, history, start, timings)
+    return fit(trainer, (train_loader, valid_loader, test_loader), args, files, history, start,
+               timings)
 
 
 def describe(args):
@@ -326,13 +340,23 @@ def describe(args):
     return args.model + (f' ({", ".join(kinds)})' if kinds else '')
 
 
+class Best(NamedTuple):
+    """This run's chosen epoch: its validation accuracy (None without validation), its number
+    and a copy of its weights."""
+    valid_acc: Optional[float]
+    epoch: int
+    params: dict
+
+
 def fit(trainer, loaders, args, files, history, start, timings):
-    """The article's epoch loop: train, validate, keep the best weights, print a line. The
-    files are written every --save-every seconds and at the end; Ctrl-C, a NaN loss or running
-    out of memory stops the run and keeps the best weights so far."""
-    train_loader, valid_loader = loaders
+    """The article's epoch loop: train, validate, keep the best weights, print a line; then
+    measure the chosen weights once on the test set. The files are written every --save-every
+    seconds and at the end; Ctrl-C, a NaN loss or running out of memory stops the run and
+    keeps the best weights so far."""
+    train_loader, valid_loader, test_loader = loaders
     timings.update({'training': 0.0, 'evaluating': 0.0})
-    run_best = (-1.0, 0, None)  # this run's best: accuracy, epoch, per-class accuracy
+    best = Best(files.valid_acc, files.best_epoch, saving.load_weights(files.out)) \
+        if files.improved else None  # resumed: what the epochs before chose
     epoch, last_save = start - 1, time.monotonic()
     try:
         for epoch in range(start, args.epochs + 1):
@@ -344,44 +368,65 @@ def fit(trainer, loaders, args, files, history, start, timings):
             if not math.isfinite(train_loss):
                 return stop(files, f'the loss became {train_loss} in epoch {epoch}', 1,
                             f'try a lower --lr than {args.lr}')
-            valid_loss, valid_acc = trainer.epoch_valid(valid_loader)
+            valid_loss, valid_acc = (trainer.epoch_valid(valid_loader) if valid_loader
+                                     else (None, None))  # --valid-split 0: the last epoch wins
             seconds = time.perf_counter() - t0
             timings['evaluating'] += seconds - train_time
 
-            if valid_acc > run_best[0]:
-                run_best = (valid_acc, epoch, trainer.class_accuracy)
-            if valid_acc > files.best_acc:
-                # The article kept `trainer.params`, a live view of the weights, so the "best"
+            if best is None or valid_acc is None or valid_acc > best.valid_acc:
+                # Article: it kept `trainer.params`, a live view of the weights, so the "best"
                 # weights it saved were the last epoch's. Copy them.
-                files.keep_best({k: v.detach().clone() for k, v in trainer.params.items()},
-                                valid_acc, epoch)
-            history.append({
-                'epoch': epoch, 'train_loss': round(train_loss, 4),
-                'train_acc': round(train_acc, 2), 'valid_loss': round(valid_loss, 4),
-                'valid_acc': round(valid_acc, 2),
-                'lr': round(trainer.optimizer.param_groups[0]['lr'], 6),
-                'seconds': round(seconds, 2),
-                'img_per_s': round(len(train_loader) * args.batch_size / train_time)})
+                best = Best(valid_acc, epoch,
+                            {k: v.detach().clone() for k, v in trainer.params.items()})
+                files.offer(best.params, valid_acc, epoch)
+            history.append(epoch_record(epoch, train_loss, train_acc, valid_loss, valid_acc,
+                                        trainer, seconds, len(train_loader) * args.batch_size
+                                        / train_time))
             print_epoch(history[-1], args.epochs)
             if epoch == args.epochs or time.monotonic() - last_save >= args.save_every:
                 files.save(saving.checkpoint(trainer, epoch, args, files, history))
                 last_save = time.monotonic()
+        t0 = time.perf_counter()
+        test_loss, test_acc = test_once(trainer, test_loader, best, files)
+        timings['testing'] = time.perf_counter() - t0
     except KeyboardInterrupt:
         return stop(files, f'interrupted in epoch {epoch}', 130)
     except Exception as e:
         if not out_of_memory(e):
             raise
         return stop(files, f'in epoch {epoch}, {out_of_memory_advice(args, trainer.device)}', 1)
-    report(files, run_best, {**timings, 'saving': files.seconds})
+    report(files, best, trainer.class_accuracy, test_acc, len(test_loader.labels),
+           {**timings, 'saving': files.seconds})
     return 0
+
+
+def epoch_record(epoch, train_loss, train_acc, valid_loss, valid_acc, trainer, seconds,
+                 img_per_s):
+    """One epoch's line of weight.csv (valid_* empty without validation)."""
+    return {'epoch': epoch, 'train_loss': round(train_loss, 4), 'train_acc': round(train_acc, 2),
+            'valid_loss': valid_loss and round(valid_loss, 4),
+            'valid_acc': valid_acc and round(valid_acc, 2),
+            'lr': round(trainer.optimizer.param_groups[0]['lr'], 6),
+            'seconds': round(seconds, 2), 'img_per_s': round(img_per_s)}
+
+
+def test_once(trainer, test_loader, best, files):
+    """The test loss and accuracy of the weights the run chose, the one look at the test set;
+    recorded in weight.json when they are the weights kept there."""
+    trainer.model.load_state_dict(best.params)
+    test_loss, test_acc = trainer.epoch_valid(test_loader)
+    if files.improved:
+        files.record_test(test_acc)
+    return test_loss, test_acc
 
 
 def stop(files, what, code, advice=None):
     """End the run early: write the best weights so far, say what happened and where they are
     (and how to go on), and return the exit code."""
     files.save()
-    kept = (f'the best weights so far ({files.best_acc:.2f}%) are in {files.out}'
-            if files.out.exists() else 'no epoch had finished, so no weights were saved')
+    kept = (f'the best weights so far are in {files.out} (test them: python train.py --eval '
+            f'{files.out})' if files.out.exists() else
+            'no epoch had finished, so no weights were saved')
     if files.ckpt.exists():
         advice = (advice + '; then' if advice else 'to continue:') + \
             ' python train.py --resume with the same arguments'
@@ -398,26 +443,30 @@ def out_of_memory(e):
 
 
 def print_epoch(h, epochs):
-    # The article printed {num_epochs}, a name it never defined: NameError in epoch 1.
+    # Article: it printed {num_epochs}, a name it never defined: NameError in epoch 1.
+    valid = (f'valid loss {h["valid_loss"]:.3f} acc {h["valid_acc"]:5.2f}%'
+             if h['valid_acc'] is not None else 'no validation')
     print(f'epoch {h["epoch"]:>{len(str(epochs))}}/{epochs}  '
-          f'train loss {h["train_loss"]:.3f} acc {h["train_acc"]:5.2f}%  '
-          f'valid loss {h["valid_loss"]:.3f} acc {h["valid_acc"]:5.2f}%  lr {h["lr"]:.4f}  '
-          f'{h["seconds"]:5.1f}s  {h["img_per_s"]:,} img/s', flush=True)
+          f'train loss {h["train_loss"]:.3f} acc {h["train_acc"]:5.2f}%  {valid}  '
+          f'lr {h["lr"]:.4f}  {h["seconds"]:5.1f}s  {h["img_per_s"]:,} img/s', flush=True)
 
 
-def report(files, run_best, timings):
-    """The run's last lines: per-class accuracy, where the time went, and what was saved."""
-    print(f'per-class accuracy at epoch {run_best[1]}, this run\'s best:')
-    print_class_accuracy(files.setup['classes'], run_best[2])
+def report(files, best, class_accuracy, test_acc, n_test, timings):
+    """The run's last lines: per-class test accuracy, where the time went, and what was
+    measured and saved."""
+    chosen = (f'epoch {best.epoch}, chosen by its valid accuracy {best.valid_acc:.2f}%'
+              if best.valid_acc is not None else f'epoch {best.epoch}, the last: no validation')
+    print(f'per-class test accuracy ({chosen}):')
+    print_class_accuracy(files.setup['classes'], class_accuracy)
     # The rest of the wall time is start-up (imports, CUDA, the model and optimizer) and exit.
     print('seconds: ' + ', '.join(f'{name} {s:.1f}' for name, s in timings.items()))
+    measured = f'test accuracy {test_acc:.2f}% on the {n_test:,} test images, measured once'
     if files.improved:
-        print(f'done: best valid accuracy {files.best_acc:.2f}% at epoch {files.best_epoch}, '
-              f'saved to {files.out}')
+        print(f'done: {measured} ({chosen}); saved to {files.out}')
     else:
-        print(f'done: this run\'s best valid accuracy {run_best[0]:.2f}% (epoch {run_best[1]}) '
-              f'did not beat the {files.best_acc:.2f}% (epoch {files.best_epoch}) already in '
-              f'{files.out}, which is kept')
+        print(f'done: {measured} ({chosen}); it did not beat the valid accuracy '
+              f'{files.valid_acc:.2f}% (epoch {files.best_epoch}) of the weights already in '
+              f'{files.out}, which are kept')
 
 
 def main(argv=None):
