@@ -9,6 +9,7 @@ images' mean and std.
     python predict.py photo.jpg                         # the top 3 classes, with probabilities
     python predict.py my_photos/ --topk 5               # every image in a folder, sorted
     python predict.py a.png b.png --weights runs/w.pth  # other weights
+    python predict.py photo.jpg --cam cams/             # and where it looked (Grad-CAM)
 """
 import argparse
 import os
@@ -19,12 +20,14 @@ import torch
 
 import config
 import options
+import pictures
 import saving
 import speed
 import train
 from data import IMG_EXTENSIONS, ImageFiles, decode_images, find_images, make_loader, \
     memory_shortfall
 from errors import UsageError
+from gradcam import grad_cam
 
 NEEDED = ('model', 'classes', 'image_size', 'mean', 'std')  # what weight.json must say
 
@@ -65,24 +68,57 @@ def image_files(paths):
     return files
 
 
-@torch.no_grad()
-def probabilities(files, model, meta, device, amp_dtype, workers=0, stream=None):
-    """Yield each file's class probabilities, (num_classes,). The images are decoded at once
-    or, when they would not fit in memory (or stream=True), batch by batch as train.py streams
-    its test images."""
+def batches(files, meta, device, workers=0, stream=None):
+    """A loader of the files' images as evaluation feeds them: decoded at once or, when they
+    would not fit in memory (or stream=True), batch by batch as train.py streams its test
+    images."""
     held = meta.get('held_size', meta['image_size'])
     if stream is None:
         stream = memory_shortfall(len(files), held, device) is not None
     workers = workers or os.cpu_count() or 1
     images = ImageFiles(files, held) if stream else decode_images(files, held, workers)
-    loader = make_loader(images, torch.zeros(len(files), dtype=torch.long),
-                         config.EVAL_BATCH_SIZE, meta['mean'], meta['std'], meta['image_size'],
-                         False, device, workers, memory_format=speed.memory_format(device))
+    return make_loader(images, torch.zeros(len(files), dtype=torch.long),
+                       config.EVAL_BATCH_SIZE, meta['mean'], meta['std'], meta['image_size'],
+                       False, device, workers, memory_format=speed.memory_format(device))
+
+
+@torch.no_grad()
+def batch_probabilities(loader, model, device, amp_dtype):
+    """Yield each batch's inputs as fed and their class probabilities, (B, num_classes)."""
     for inputs, _ in loader:
         with speed.autocast(device, amp_dtype):
             logits = model(inputs)
-        # Over the classes (dim=1): the article's AlexNet took its softmax over the batch.
-        yield from logits.float().softmax(dim=1).cpu()
+        # Article: its AlexNet took the softmax over the batch (dim=0), not over the classes.
+        yield inputs, logits.float().softmax(dim=1)
+
+
+def probabilities(files, model, meta, device, amp_dtype, workers=0, stream=None):
+    """Yield each file's class probabilities, (num_classes,)."""
+    loader = batches(files, meta, device, workers, stream)
+    for _, probs in batch_probabilities(loader, model, device, amp_dtype):
+        yield from probs.cpu()
+
+
+def write_cams(files, model, meta, device, amp_dtype, folder, k):
+    """For each file, FOLDER/<name>.cam.png: the image as fed, its Grad-CAM for the likeliest
+    class over it, and the k likeliest classes. Returns the paths written."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    mean, std = (torch.tensor(meta[key], device=device).view(3, 1, 1) for key in ('mean', 'std'))
+    written, i = [], 0
+    loader = batches(files, meta, device)
+    for inputs, probs in batch_probabilities(loader, model, device, amp_dtype):
+        heat = grad_cam(model, inputs.float(), probs.argmax(dim=1))
+        for x, h, p in zip(inputs, heat, probs.cpu()):
+            top = p.topk(k)
+            path = folder / f'{Path(files[i]).stem}.cam.png'
+            pictures.save_png(pictures.cam_picture(
+                x.float() * std + mean, h, [(meta['classes'][c], q) for q, c in
+                                            zip(top.values.tolist(), top.indices.tolist())],
+                Path(files[i]).name), path)
+            written.append(path)
+            i += 1
+    return written
 
 
 def main(argv=None):
@@ -94,6 +130,9 @@ def main(argv=None):
                         '(default: %(default)s)')
     p.add_argument('--topk', type=options.positive(int), default=3,
                    help='how many of the likeliest classes to print (default: %(default)s)')
+    p.add_argument('--cam', metavar='DIR',
+                   help='also write DIR/<image>.cam.png: the image as fed, where the network '
+                        'looked for its likeliest class (Grad-CAM), and its top classes')
     options.add_device_argument(p)
     args = p.parse_args(argv)
     try:
@@ -106,6 +145,10 @@ def main(argv=None):
             top = probs.topk(k)
             print(path + ''.join(f'  {meta["classes"][c]} {p:.1%}'
                                  for p, c in zip(top.values.tolist(), top.indices.tolist())))
+        if args.cam:
+            written = write_cams(files, model, meta, device, amp_dtype, args.cam, k)
+            print(f'wrote {len(written)} Grad-CAM picture{"s" * (len(written) != 1)} to '
+                  f'{args.cam}')
     except UsageError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

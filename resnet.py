@@ -197,15 +197,62 @@ def count_parameters(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def stages(model):
+    """(name, modules) of a ResNet's stages, in the order the forward runs them: the stem, the
+    residual stages, the pool and the classifier."""
+    stem = [model.conv1, model.bn1, model.relu] + [model.maxpool] * hasattr(model, 'maxpool')
+    residual = [n for n in ('layer1', 'layer2', 'layer3', 'layer4') if hasattr(model, n)]
+    return [('stem', stem), *((n, [getattr(model, n)]) for n in residual),
+            ('pool', [model.avg_pool, nn.Flatten()]), ('fc', [model.fc])]
+
+
+def stage_table(model, image_size):
+    """Rows (stage, output shape of one image, parameters, multiply-adds of one image): the
+    convs' and the fc's multiply-adds, which are nearly all of a ResNet's work."""
+    def count(m, inputs, out):
+        if isinstance(m, nn.Conv2d):
+            macs[0] += out[0].numel() * m.in_channels // m.groups * m.weight[0, 0].numel()
+        elif isinstance(m, nn.Linear):
+            macs[0] += m.in_features * m.out_features
+
+    rows, x = [], torch.zeros(1, 3, image_size, image_size)
+    model.eval()
+    with torch.no_grad():
+        for name, modules in stages(model):
+            macs = [0]
+            hooks = [m.register_forward_hook(count) for mod in modules for m in mod.modules()]
+            for mod in modules:
+                x = mod(x)
+            for h in hooks:
+                h.remove()
+            params = sum(p.numel() for mod in modules for p in mod.parameters())
+            rows.append((name, list(x.shape[1:]), params, macs[0]))
+    return rows
+
+
+def print_stage_table(model, image_size):
+    rows = stage_table(model, image_size)
+    print(f'{type(model).__name__} at {image_size} px, stage by stage, for one image:')
+    print(f'  {"stage":<7}{"output":<17}{"parameters":>12}{"multiply-adds":>16}')
+    for name, shape, params, macs in rows:
+        print(f'  {name:<7}{str(shape):<17}{params:>12,}{macs:>16,}')
+    print(f'  {"total":<24}{sum(r[2] for r in rows):>12,}{sum(r[3] for r in rows):>16,}')
+
+
 if __name__ == '__main__':
-    inputs = torch.zeros((16, 3, 224, 224))
+    import argparse
+    p = argparse.ArgumentParser(description='Shape check of ResNet18, stage by stage.')
+    p.add_argument('--image-size', type=int, default=224, metavar='PX',
+                   help='side of the square input (default: %(default)s; train.py feeds 32)')
+    size = p.parse_args().image_size
+    inputs = torch.zeros((16, 3, size, size))
     model = ResNet18(num_classes=10)
     model.eval()
     with torch.no_grad():
         outputs = model(inputs)
-    # The article fed 227 px here, while the comment on its print line said 224.
+    # Article: it fed 227 px here, while the comment on its print line said 224.
     print(f'{list(inputs.shape)} -> {list(outputs.shape)}')
-    print(f'ResNet18: {count_parameters(model):,} parameters')
+    print_stage_table(model, size)
     for name, net in CIFAR_RESNETS.items():  # the paper's Table 6, to check against
         print(f'{net.__name__}: {count_parameters(net(10)):,} parameters '
               f'({count_parameters(net(10, plain=True)):,} without its shortcuts)')

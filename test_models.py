@@ -20,7 +20,7 @@ from test_helpers import HERE, run_script
 
 # The other test files; `python -m unittest test_models` runs them too.
 TEST_FILES = ('test_data', 'test_speed', 'test_train', 'test_predict', 'test_benchmark',
-              'test_degradation', 'test_docs')
+              'test_degradation', 'test_gradcam', 'test_docs')
 
 
 def load_tests(loader, tests, pattern):
@@ -300,7 +300,23 @@ class ResNet18Test(TorchvisionEquivalence, unittest.TestCase):
         # Article bug: `from . import layers` fails under `python resnet.py`.
         out = run_script('resnet.py')
         self.assertIn('[16, 3, 224, 224] -> [16, 10]', out)
-        self.assertIn('11,181,642', out)
+        self.assertRegex(out, r'\n  layer4 \[512, 7, 7\] +8,393,728 +411,041,792\n')
+        self.assertRegex(out, r'\n  total +11,181,642 +1,813,566,464\n')
+
+    def test_stage_table(self):
+        model = ResNet18(10)
+        rows = {name: row for name, *row in resnet.stage_table(model, 224)}
+        self.assertEqual(list(rows), ['stem', 'layer1', 'layer2', 'layer3', 'layer4', 'pool',
+                                      'fc'])
+        self.assertEqual(sum(r[1] for r in rows.values()), count_parameters(model))
+        # The stem's 7x7 conv: 64 filters of 3x7x7 at each of 112x112 positions.
+        self.assertEqual(rows['stem'][2], 64 * 3 * 49 * 112 * 112)
+        self.assertEqual(rows['fc'], [[10], 5_130, 5_120])
+        total = sum(r[2] for r in rows.values())
+        self.assertLess(abs(total - 1.8e9) / 1.8e9, 0.01)  # the paper's Table 1: 1.8 x 10^9
+        # At train.py's 32 px, the ImageNet stem leaves layer4 a 1x1 map.
+        shapes = {name: shape for name, shape, *_ in resnet.stage_table(model, 32)}
+        self.assertEqual((shapes['layer3'], shapes['layer4']), ([256, 2, 2], [512, 1, 1]))
 
 
 class ResNet34Test(TorchvisionEquivalence, unittest.TestCase):

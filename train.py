@@ -21,6 +21,7 @@ import torch.nn as nn
 
 import config
 import options
+import pictures
 import resnet
 import saving
 import speed
@@ -47,6 +48,7 @@ class Trainer:
                                            enabled=amp_dtype == torch.float16)
         self.progress = sys.stdout.isatty()  # a live progress line on a terminal, none in a log
         self.class_accuracy = None  # per-class accuracy (%) of the last epoch_valid
+        self.confusion = None  # and its confusion matrix: counts, true class by predicted
         self.graphed_step = None  # a GraphedStep replaces train_step when set (CUDA only)
         self.autocast_cache = True  # off while a CUDA graph records: graphs cannot use it
 
@@ -103,7 +105,7 @@ class Trainer:
     def epoch_valid(self, valid_loader):
         self.model.eval()
         epoch_loss = torch.zeros((), device=self.device)
-        class_correct = class_total = 0  # per-class counts, (num_classes,) after a batch
+        confusion = 0  # counts, true class by predicted class: (num_classes, num_classes)
 
         for inputs, targets in valid_loader:
             inputs = inputs.to(self.device)
@@ -113,14 +115,15 @@ class Trainer:
             # The loss in fp32 (the logits may be bf16 under autocast), summed over samples: the
             # article averaged batch means, which weighs the short last batch's images more.
             epoch_loss += self.criterion(outputs.float(), targets) * targets.size(0)
-            hit = (outputs.argmax(dim=1) == targets).float()
-            zeros = outputs.new_zeros(outputs.shape[1], dtype=torch.float)
-            class_correct = class_correct + zeros.index_add(0, targets, hit)
-            class_total = class_total + zeros.index_add(0, targets, torch.ones_like(hit))
+            n = outputs.shape[1]
+            confusion = confusion + torch.bincount(targets * n + outputs.argmax(dim=1),
+                                                   minlength=n * n).view(n, n)
 
-        total = class_total.sum().item()
-        self.class_accuracy = (100 * class_correct / class_total.clamp_min(1)).tolist()
-        return epoch_loss.item() / total, 100 * class_correct.sum().item() / total
+        self.confusion = confusion.cpu()
+        per_class = self.confusion.sum(dim=1)
+        total = per_class.sum().item()
+        self.class_accuracy = (100 * self.confusion.diag() / per_class.clamp_min(1)).tolist()
+        return epoch_loss.item() / total, 100 * self.confusion.diag().sum().item() / total
 
     @property
     def params(self):
@@ -238,10 +241,14 @@ def evaluate(args, device):
     loss, acc = trainer.epoch_valid(loader)
     print('per-class accuracy:')
     print_class_accuracy(classes, trainer.class_accuracy)
+    print('confusion matrix, in images (rows: the true class; columns: the predicted class):')
+    print('\n'.join(pictures.confusion_text(trainer.confusion, classes)))
     recorded = meta.get('test_acc')
     print(f'{path}: test accuracy {acc:.2f}% on {len(test_x):,} images ({what}, '
           f'{image_size} px, loss {loss:.3f})' +
           (f'; the run measured {recorded:.2f}%' if recorded is not None else ''))
+    for line in pictures.write_eval_files(path, trainer, loader, classes, test_x, test_y):
+        print(line)
     return 0
 
 

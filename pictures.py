@@ -1,0 +1,178 @@
+"""Pictures of what a trained network learned, drawn with PIL alone (no matplotlib needed).
+
+cam_picture: a photo as fed, its Grad-CAM heat map over it, and the top classes. The rest come
+from `python train.py --eval weight.pth`: the confusion matrix (also as CSV), the test images
+the network got wrong with the highest confidence, and the filters of its first conv layer.
+"""
+import csv
+import io
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+import saving
+
+TILE = 128  # px of a photo in a picture (CIFAR's 32 px, enlarged)
+# The heat map's colours, from cold to hot: dark blue, blue, cyan, yellow, red.
+HEAT = torch.tensor([[0, 0, 96], [0, 64, 255], [0, 220, 220], [255, 230, 0], [220, 0, 0]],
+                    dtype=torch.float32)
+
+
+def font(size=13):
+    try:
+        return ImageFont.load_default(size=size)  # Pillow 10.1 and later, with FreeType
+    except (TypeError, OSError):
+        return ImageFont.load_default()
+
+
+def to_image(x, size=TILE):
+    """A (3, H, W) tensor in [0, 1] as a PIL image, enlarged to size x size."""
+    x = (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
+    return Image.fromarray(x.cpu().numpy()).resize((size, size), Image.BICUBIC)
+
+
+def heat_colours(heat):
+    """(H, W) values in [0, 1] as a (3, H, W) image in [0, 1], through HEAT's colours."""
+    pos = heat.detach().float().cpu().clamp(0, 1) * (len(HEAT) - 1)
+    low = pos.floor().long().clamp(max=len(HEAT) - 2)
+    frac = (pos - low).unsqueeze(-1)
+    rgb = HEAT[low] * (1 - frac) + HEAT[low + 1] * frac
+    return rgb.permute(2, 0, 1) / 255
+
+
+def save_png(image, path):
+    saving.atomic_write(path, lambda f: image.save(f, format='PNG'))
+
+
+def cam_picture(photo, heat, top, title):
+    """The photo as fed (3, H, W in [0, 1]), the heat map (H, W) over it, and the top classes,
+    a list of (name, probability)."""
+    heat = F.interpolate(heat[None, None].float(), size=photo.shape[-2:], mode='bilinear',
+                         align_corners=False)[0, 0]
+    overlay = 0.5 * photo.float().cpu() + 0.5 * heat_colours(heat)
+    lines = [title] + [f'{name}  {p:.1%}' for name, p in top]
+    pic = Image.new('RGB', (2 * TILE + 30, TILE + 20 + 18 * len(lines)), 'white')
+    pic.paste(to_image(photo), (10, 10))
+    pic.paste(to_image(overlay), (TILE + 20, 10))
+    draw = ImageDraw.Draw(pic)
+    for i, line in enumerate(lines):
+        draw.text((10, TILE + 16 + 18 * i), line, fill='black', font=font())
+    return pic
+
+
+def confusion_csv(confusion, classes):
+    """A header of the class names, then a row per true class: its name, then the counts per
+    predicted class."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator='\n')
+    writer.writerow(['true \\ predicted', *classes])
+    for name, row in zip(classes, confusion.tolist()):
+        writer.writerow([name, *row])
+    return buf.getvalue()
+
+
+def confusion_text(confusion, classes):
+    """The confusion matrix as lines of text: rows the true class, columns the predicted."""
+    width = max(6, len(str(int(confusion.max()))) + 1)
+    name_w = max(len(c) for c in classes)
+    lines = [' ' * (name_w + 2) + ''.join(f'{c[:width - 1]:>{width}}' for c in classes)]
+    for name, row in zip(classes, confusion.tolist()):
+        lines.append(f'  {name:<{name_w}}' + ''.join(f'{n:>{width}}' for n in row))
+    return lines
+
+
+def confusion_picture(confusion, classes, cell=44):
+    """Each cell shaded by its share of its row (the true class) and labelled with its count."""
+    n, label_w = len(classes), 8 * max(len(c) for c in classes) + 16
+    pic = Image.new('RGB', (max(label_w + n * cell + 10, 300), label_w + n * cell + 30),
+                    'white')
+    draw = ImageDraw.Draw(pic)
+    share = confusion.float() / confusion.sum(dim=1, keepdim=True).clamp_min(1)
+    for i in range(n):
+        draw.text((6, label_w + i * cell + cell // 2 - 7), classes[i], fill='black', font=font())
+        column = Image.new('RGB', (label_w - 6, cell), 'white')  # the column's name, upright
+        ImageDraw.Draw(column).text((4, cell // 2 - 7), classes[i], fill='black', font=font())
+        pic.paste(column.rotate(90, expand=True), (label_w + i * cell, 0))
+        for j in range(n):
+            level = int(255 * (1 - share[i, j].item()))
+            box = (label_w + j * cell, label_w + i * cell)
+            draw.rectangle([box, (box[0] + cell - 1, box[1] + cell - 1)],
+                           fill=(level, level, 255), outline=(200, 200, 200))
+            draw.text((box[0] + 6, box[1] + cell // 2 - 7), str(int(confusion[i, j])),
+                      fill='white' if level < 110 else 'black', font=font(12))
+    draw.text((6, label_w + n * cell + 8), 'rows: true class; columns: predicted class',
+              fill='black', font=font())
+    return pic
+
+
+def grid(tiles, captions, columns=8, tile=96):
+    """Images (PIL) in rows of `columns`, each with its caption (one or two lines) below."""
+    rows = (len(tiles) + columns - 1) // columns
+    below = 40 if any(captions) else 0
+    pic = Image.new('RGB', (columns * (tile + 8) + 8, rows * (tile + below + 8) + 8), 'white')
+    draw = ImageDraw.Draw(pic)
+    for k, (im, caption) in enumerate(zip(tiles, captions)):
+        x, y = 8 + (k % columns) * (tile + 8), 8 + (k // columns) * (tile + below + 8)
+        pic.paste(im.resize((tile, tile), Image.NEAREST if im.width < 16 else Image.BICUBIC),
+                  (x, y))
+        for i, line in enumerate(caption.split('\n')):
+            draw.text((x, y + tile + 2 + 15 * i), line, fill='black', font=font(11))
+    return pic
+
+
+def mistakes_picture(images, true, predicted, confidence, classes):
+    """The images (uint8, (K, 3, H, W)) each labelled true -> predicted and its probability."""
+    tiles = [to_image(x.float() / 255) for x in images]
+    captions = [f'{classes[t]} ->\n{classes[p]} {c:.0%}'
+                for t, p, c in zip(true.tolist(), predicted.tolist(), confidence.tolist())]
+    return grid(tiles, captions)
+
+
+def filters_picture(model):
+    """The first conv layer's filters as RGB tiles, each stretched to its own range."""
+    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    w = conv.weight.detach().float().cpu()[:, :3]
+    lo = w.amin(dim=(1, 2, 3), keepdim=True)
+    hi = w.amax(dim=(1, 2, 3), keepdim=True)
+    w = (w - lo) / (hi - lo).clamp_min(1e-12)
+    tiles = [to_image(f, size=f.shape[-1]) for f in w]
+    return grid(tiles, [''] * len(tiles), columns=16, tile=max(24, 6 * w.shape[-1]))
+
+
+@torch.no_grad()
+def most_confident_mistakes(trainer, loader, k=24):
+    """(indices, predicted classes, probabilities) of the k wrongly classified images the
+    network was surest of, surest first."""
+    trainer.model.eval()
+    probs, labels = [], []
+    for inputs, targets in loader:
+        with trainer._autocast():
+            probs.append(trainer.model(inputs).float().softmax(dim=1).cpu())
+        labels.append(targets.cpu())
+    confidence, predicted = torch.cat(probs).max(dim=1)
+    wrong = (predicted != torch.cat(labels)).nonzero().flatten()
+    surest = wrong[confidence[wrong].argsort(descending=True)[:k]]
+    return surest, predicted[surest], confidence[surest]
+
+
+def write_eval_files(path, trainer, loader, classes, images, labels):
+    """Beside the weights at path (NAME.pth): NAME.confusion.csv, NAME.confusion.png,
+    NAME.mistakes.png and NAME.filters.png, from the evaluation just run. Returns a line for
+    each, saying what was written."""
+    stem = str(path.with_suffix(''))
+    saving.save_text(confusion_csv(trainer.confusion, classes), f'{stem}.confusion.csv')
+    save_png(confusion_picture(trainer.confusion, classes), f'{stem}.confusion.png')
+    save_png(filters_picture(trainer.model), f'{stem}.filters.png')
+    lines = [f'wrote {stem}.confusion.csv and {stem}.confusion.png (the matrix), '
+             f'{stem}.filters.png (the first layer\'s filters)']
+    idx, predicted, confidence = most_confident_mistakes(trainer, loader)
+    if len(idx) == 0:
+        return lines + ['every test image was classified right: no mistakes to draw']
+    shown = images[idx] if isinstance(images, torch.Tensor) else \
+        torch.stack([images[i] for i in idx.tolist()])
+    save_png(mistakes_picture(shown, labels[idx], predicted, confidence, classes),
+             f'{stem}.mistakes.png')
+    return lines + [f'wrote {stem}.mistakes.png (the {len(idx)} test images it got wrong with '
+                    f'the highest confidence)']
