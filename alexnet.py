@@ -13,8 +13,8 @@ class AlexNet(nn.Module):
 
     def __init__(self, in_channels, num_classes):
         super().__init__()
-        # The article had no non-linearity at all, which made each stretch between pools one
-        # linear map. ReLU follows every conv and hidden fc, as in the paper.
+        # Article: no non-linearity at all, so each stretch between pools was one linear map.
+        # ReLU follows every conv and hidden fc, as in the paper.
         self.conv1 = nn.Conv2d(in_channels=in_channels, out_channels=96,
                                kernel_size=11, stride=4)
         self.relu1 = nn.ReLU(inplace=True)
@@ -32,8 +32,8 @@ class AlexNet(nn.Module):
             nn.ReLU(inplace=True),
             nn.MaxPool2d(kernel_size=3, stride=2),
         )
-        # Added, as in torchvision: 227 px gives 6x6 here already, 224 px gives 5x5; the pool
-        # makes both (and anything larger) fit fc's 9216 = 256 * 6 * 6 inputs.
+        # Article: no pool here, so only 227 px fit the fc. As in torchvision: 227 px gives 6x6
+        # here, 224 px 5x5; the pool makes both (and more) fit fc's 9216 = 256 * 6 * 6 inputs.
         self.avg_pool = nn.AdaptiveAvgPool2d((6, 6))
         self.fc_layers = nn.Sequential(
             nn.Dropout(0.5),
@@ -44,12 +44,12 @@ class AlexNet(nn.Module):
             nn.ReLU(inplace=True),
             nn.Linear(in_features=4096, out_features=num_classes),
         )
-        # The article ended with nn.Softmax(dim=0), a softmax across the batch. Any softmax
+        # Article: it ended with nn.Softmax(dim=0), a softmax across the batch. Any softmax
         # here is wrong for training: nn.CrossEntropyLoss wants logits. forward returns logits.
 
-        # Not in the article, which kept PyTorch's default init: He (Kaiming) init for ReLU. With
-        # no BatchNorm, the default init shrinks the signal through the eight layers, and the
-        # first epochs are spent at chance (README, "What the article got wrong").
+        # Article: PyTorch's default init. Here He (Kaiming) init for ReLU: with no BatchNorm,
+        # the default shrinks the signal through the eight layers, and the first epochs are
+        # spent at chance.
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight, mode='fan_in', nonlinearity='relu')

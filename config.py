@@ -1,14 +1,14 @@
 """Every knob of train.py, one per line. train.py uses these as its command-line defaults.
 
 The article's config.py held BATCH_SIZE and NUM_EPOCHS; the rest is the recipe that makes
-ResNet18 reach about 84% on 32 px CIFAR-10 in 30 epochs (README, Results).
+ResNet18 reach about 84% on 32 px CIFAR-10 in 30 epochs (README, "Set up and run").
 """
 
 # Data
 DATA_ROOT = './data'          # where CIFAR-10 is downloaded (or cifar-10-python.tar.gz is placed)
 DATA_DIR = None               # an ImageFolder tree (DIR/train, DIR/test) instead of CIFAR-10
 STREAM = False                # decode the folder every epoch, not once (automatic if it won't fit)
-IMAGE_SIZE = 32               # px fed to the model; the article resized to 224 (10x the compute)
+IMAGE_SIZE = 32               # px fed to the model; the article resized to 224 (49x the compute)
 CROP_PADDING = 4              # random crop: reflect-pad by this many px, crop back to size
 NUM_WORKERS = 0               # processes that decode an image folder; 0: one per CPU core
 VALID_SPLIT = 0.1             # fraction of the training images held out to choose the best epoch
@@ -19,10 +19,10 @@ SMALL_INPUT = False           # ResNet stem for small images: 3x3/1 conv, no max
 PLAIN = False                 # build the ResNet without its shortcuts (the paper's plain net)
 
 # Optimisation: the fixed recipe (--recipe fixed, the default)
-RECIPE = 'fixed'              # fixed | article | article+FIX+...: README, "What each fix buys"
+RECIPE = 'fixed'              # fixed | article | article+FIX+...: README, "What the recipe buys"
 NUM_EPOCHS = 30               # passes over the training set
 BATCH_SIZE = 512              # images per step
-SMALL_INPUT_BATCH_SIZE = 256  # images per step with --small-input (README, Results: why)
+SMALL_INPUT_BATCH_SIZE = 256  # images per step with --small-input (RESULTS.md says why)
 LR = 0.2                      # peak learning rate (SGD); the article used 0.001 with no schedule
 WARMUP = 0.2                  # fraction of the steps spent rising linearly to the peak lr
 MOMENTUM = 0.9                # SGD momentum (Nesterov)

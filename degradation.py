@@ -178,7 +178,7 @@ def train_net(depth, plain, loaders, classes, args, device, amp_dtype):
 
 
 def table(records):
-    """The results as a markdown table (README, "Why shortcuts")."""
+    """The results as a markdown table (README, "Why shortcuts work")."""
     rows = ['| net | parameters | train error by epoch (%) | test error (%) | gradient norm, '
             'first / last block: at init; after training |', '|---|---|---|---|---|']
     for r in records:

@@ -22,8 +22,8 @@ def grad_cam(model, images, targets, layer=None):
     ResNet18's layer4 is 1x1, one number a channel, where no position can be told apart, so
     there it is layer3 (2x2); at 224 px it is layer4 (7x7).
     """
-    fired = []  # (module, output) in the order the forward ran them
-    hooks = [m.register_forward_hook(lambda m, i, o: fired.append((m, o)))
+    fired = []  # (module, input, output) in the order the forward ran them
+    hooks = [m.register_forward_hook(lambda m, i, o: fired.append((m, i[0], o)))
              for m in ([layer] if layer is not None else model.children())]
     was_training = model.training
     model.eval()
@@ -31,7 +31,7 @@ def grad_cam(model, images, targets, layer=None):
         with torch.enable_grad():
             images = images.detach().requires_grad_(True)  # a graph even if the model is frozen
             logits = model(images)
-            maps = fired[-1][1] if layer is not None else deepest_map(fired)
+            maps = fired[-1][2] if layer is not None else deepest_map(fired)
             score = logits.float().gather(1, targets.view(-1, 1).to(logits.device)).sum()
             grads, = torch.autograd.grad(score, maps)
     finally:
@@ -47,10 +47,14 @@ def grad_cam(model, images, targets, layer=None):
 
 
 def deepest_map(fired):
-    """The output of the last module to run whose output is a map larger than 1x1."""
-    maps = [o for m, o in fired if isinstance(o, torch.Tensor) and o.dim() == 4
-            and o.shape[-2] * o.shape[-1] > 1
-            and not isinstance(m, nn.ReLU)]  # an in-place ReLU's output is changed later
+    """The output of the last module to run whose output is a map larger than 1x1: not an
+    in-place ReLU (its output is changed later), nor a pool that enlarges its input (AlexNet's
+    adaptive pool at small sizes only repeats each value)."""
+    def spatial(t):
+        return t.shape[-2] * t.shape[-1] if isinstance(t, torch.Tensor) and t.dim() == 4 else 0
+
+    maps = [o for m, i, o in fired if spatial(o) > 1 and spatial(o) <= spatial(i)
+            and not isinstance(m, nn.ReLU)]
     if not maps:
         raise ValueError('no layer of this model outputs a map larger than 1x1 at this size')
     return maps[-1]

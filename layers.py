@@ -2,7 +2,7 @@
 two shortcuts that match a block's changed shape: a projection or zero padding.
 
 Mirrors the article's "ResNetの実装" section, with plain nn layers as the article and torchvision
-use. Each fix to the article's code is marked with a comment at the spot and listed in the README.
+use. Each departure from the article is marked `# Article:` at the spot and listed in the README.
 Every block can be built without its shortcut (shortcut=False): the paper's plain network.
 """
 import torch.nn as nn
@@ -11,14 +11,14 @@ import torch.nn.functional as F
 
 def conv3x3(in_channels, out_channels, stride=1, groups=1, dilation=1):
     """3x3 convolution with padding."""
-    # bias=False: the BatchNorm right after it has its own shift (the article used bias=True).
+    # Article: bias=True. BatchNorm follows with its own shift, so bias=False.
     return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride,
                      padding=dilation, groups=groups, bias=False, dilation=dilation)
 
 
 def conv1x1(in_channels, out_channels, stride=1):
     """1x1 convolution."""
-    # bias=False, as in conv3x3 (the article used bias=True).
+    # Article: bias=True, as in conv3x3.
     return nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False)
 
 
@@ -58,7 +58,7 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     """The bottleneck building block (right of Figure 5): 1x1 reduce, 3x3, 1x1 expand.
 
-    The article names this block but never builds it; ResNet50 needs it. As in torchvision
+    The article names this block but never builds it (marked in ResNet50); as in torchvision
     ("ResNet v1.5"), the stride sits on the 3x3 conv.
     """
 
@@ -129,7 +129,7 @@ class ResidualLayer(nn.Module):
                  shortcut=projection):
         super().__init__()
         downsample = None
-        # The article added the projection only when the channels changed, and always with
+        # Article: the projection only when the channels changed, and always with
         # stride 1, so no stage ever halved the feature map. It is needed exactly when the
         # shortcut's shape differs from the block's output: a stride or a channel change.
         if shortcut is not None and (stride != 1 or in_channels != out_channels):
@@ -137,7 +137,7 @@ class ResidualLayer(nn.Module):
         residual = shortcut is not None
         self.first_block = block(in_channels, out_channels, stride, downsample=downsample,
                                  shortcut=residual)
-        # The article built num_blocks more blocks here, so every stage had num_blocks + 1.
+        # Article: num_blocks more blocks here, so every stage had num_blocks + 1.
         self.blocks = nn.ModuleList(block(out_channels, out_channels, shortcut=residual)
                                     for _ in range(num_blocks - 1))
 

@@ -53,6 +53,8 @@ def cam_picture(photo, heat, top, title):
                          align_corners=False)[0, 0]
     overlay = 0.5 * photo.float().cpu() + 0.5 * heat_colours(heat)
     lines = [title] + [f'{name}  {p:.1%}' for name, p in top]
+    if heat.max() <= 0:  # Grad-CAM's ReLU left nothing: no place raised the class's score
+        lines.append('(no place raised its score here)')
     pic = Image.new('RGB', (2 * TILE + 30, TILE + 20 + 18 * len(lines)), 'white')
     pic.paste(to_image(photo), (10, 10))
     pic.paste(to_image(overlay), (TILE + 20, 10))

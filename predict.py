@@ -14,6 +14,7 @@ images' mean and std.
 import argparse
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -100,18 +101,22 @@ def probabilities(files, model, meta, device, amp_dtype, workers=0, stream=None)
 
 
 def write_cams(files, model, meta, device, amp_dtype, folder, k):
-    """For each file, FOLDER/<name>.cam.png: the image as fed, its Grad-CAM for the likeliest
-    class over it, and the k likeliest classes. Returns the paths written."""
+    """For each file, FOLDER/<name>.cam.png (<folder>_<name>.cam.png where two files share a
+    name): the image as fed, its Grad-CAM for the likeliest class over it, and the k likeliest
+    classes. Returns the paths written."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     mean, std = (torch.tensor(meta[key], device=device).view(3, 1, 1) for key in ('mean', 'std'))
+    stems = [Path(f).stem for f in files]
+    repeated = {s for s, n in Counter(stems).items() if n > 1}  # same name, other folders
+    names = [f'{Path(f).parent.name}_{s}' if s in repeated else s for f, s in zip(files, stems)]
     written, i = [], 0
     loader = batches(files, meta, device)
     for inputs, probs in batch_probabilities(loader, model, device, amp_dtype):
         heat = grad_cam(model, inputs.float(), probs.argmax(dim=1))
         for x, h, p in zip(inputs, heat, probs.cpu()):
             top = p.topk(k)
-            path = folder / f'{Path(files[i]).stem}.cam.png'
+            path = folder / f'{names[i]}.cam.png'
             pictures.save_png(pictures.cam_picture(
                 x.float() * std + mean, h, [(meta['classes'][c], q) for q, c in
                                             zip(top.values.tolist(), top.indices.tolist())],

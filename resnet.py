@@ -1,6 +1,7 @@
 """ResNet18 as in the article's "ResNetの実装", plus ResNet34 and ResNet50, and the paper's
 CIFAR-10 networks, ResNet20 to ResNet110. Each is built with its shortcuts, or without them
-(plain=True): the paper's plain baselines. Run `python resnet.py` for a shape check.
+(plain=True): the paper's plain baselines. Run `python resnet.py` for a shape check and each
+stage's output, parameters and multiply-adds (`--image-size 32` for train.py's size).
 
 ResNet18/34/50 are torchvision's networks, layer for layer and parameter for parameter, in the
 article's style and names (from_torchvision maps torchvision's weights onto them). The CIFAR-10
@@ -18,7 +19,7 @@ import re
 import torch
 import torch.nn as nn
 
-# The article wrote `from . import layers`, which fails when the file runs as a script.
+# Article: `from . import layers`, which fails when the file runs as a script.
 import layers
 
 
@@ -34,7 +35,7 @@ class ResNet(nn.Module):
         super().__init__()
         if len(num_blocks) != 4:
             raise ValueError(f'num_blocks needs one count per stage (4), got {num_blocks}')
-        # bias=False: BatchNorm follows with its own shift (the article's conv1 had a bias).
+        # Article: conv1 had a bias. BatchNorm follows with its own shift, so bias=False.
         if small_input:
             self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
             self.maxpool = nn.Identity()
@@ -46,7 +47,7 @@ class ResNet(nn.Module):
 
         e = block.expansion
         shortcut = None if plain else layers.projection
-        # The article gave every stage stride 1; stages 2-4 must halve the feature map.
+        # Article: every stage had stride 1; stages 2-4 must halve the feature map.
         self.layer1 = layers.ResidualLayer(num_blocks[0], 64, 64 * e, block, 1, shortcut)
         self.layer2 = layers.ResidualLayer(num_blocks[1], 64 * e, 128 * e, block, 2, shortcut)
         self.layer3 = layers.ResidualLayer(num_blocks[2], 128 * e, 256 * e, block, 2, shortcut)
@@ -99,6 +100,7 @@ class ResNet34(ResNet):
 
 class ResNet50(ResNet):
     """ResNet50: Bottlenecks, 3-4-6-3."""
+    # Article: it drew the bottleneck block but never built it, so it had no ResNet50.
 
     def __init__(self, num_classes, small_input=False, plain=False):
         super().__init__(layers.Bottleneck, [3, 4, 6, 3], num_classes, small_input, plain)

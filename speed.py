@@ -177,7 +177,7 @@ def graph_model(model, sample, amp_dtype):
 def _quiet_graph_warnings():
     # Recording runs on a side stream, and PyTorch then warns at each backward that the
     # gradients' streams differ (and once that cuBLAS had no context yet). The graphed runs
-    # train as the eager ones do (README, Results), so those two messages are left out.
+    # train as the eager ones do (RESULTS.md), so those two messages are left out.
     warnings.filterwarnings('ignore', message="The AccumulateGrad node's stream does not match")
     warnings.filterwarnings('ignore', message='Attempting to run cuBLAS, but there was no current')
 

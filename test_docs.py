@@ -1,5 +1,6 @@
-"""Tests that the READMEs tell the truth: the two bug tables agree, name tests that exist, and
-every train.py command they show parses."""
+"""Tests that the READMEs tell the truth and keep the learner's path: short, in the same sections
+in both languages, their tables of fixes agree and each row's patch names tests that exist, every
+picture they show is there, and every train.py command they show parses."""
 import re
 import shlex
 import unittest
@@ -15,14 +16,23 @@ def read(name):
     return (HERE / name).read_text(encoding='utf-8')
 
 
-def bug_table(text):
-    """{row number: [test names]} of the table whose rows start '| N |' and end in tests."""
-    rows = {}
-    for line in text.splitlines():
-        m = re.match(r'\| (\d+) \|', line)
-        if m:
-            rows[int(m.group(1))] = re.findall(r'`(\w+Test\.test_\w+)`', line.split('|')[-2])
-    return rows
+SECTIONS = ('What this is', 'Set up and run', 'What you will see', 'Read it beside the article',
+            "The article's code, corrected", 'Why shortcuts work', 'Next steps',
+            'Troubleshooting', 'Glossary')
+
+
+def fix_rows(text):
+    """The row numbers of the tables of fixes: the rows that start '| N |'."""
+    return [int(m) for m in re.findall(r'^\| (\d+) \|', text, re.M)]
+
+
+def patch_tests(n):
+    """The tests that .ci/article-patches/NN-*.patch names on its first line."""
+    patches = sorted((HERE / '.ci' / 'article-patches').glob(f'{n:02d}-*.patch'))
+    if len(patches) != 1:
+        return []
+    first = patches[0].read_text().splitlines()[0]
+    return re.findall(r'(\w+Test\.test_\w+)', first) if first.startswith('# tests:') else []
 
 
 def test_names():
@@ -42,19 +52,31 @@ def test_names():
 
 class ReadmeTest(unittest.TestCase):
 
-    def test_readme_is_short_and_each_links_the_other(self):
-        self.assertLessEqual(len(read('README.md')), 17_000)
+    def test_readmes_are_short_and_each_links_the_other(self):
+        self.assertLessEqual(len(read('README.md')), 12_000)
+        self.assertLessEqual(len(read('README.ja.md')), 15_000)
         self.assertIn('(README.ja.md)', read('README.md').split('\n## ')[0])
         self.assertIn('(README.md)', read('README.ja.md').split('\n## ')[0])
 
-    def test_bug_tables_agree_and_name_real_tests(self):
-        english, japanese = (bug_table(read(name)) for name in READMES)
-        self.assertEqual(sorted(english), list(range(1, len(english) + 1)))
-        self.assertGreaterEqual(len(english), 17)
+    def test_both_readmes_follow_the_learners_path(self):
+        english, japanese = (read(name) for name in READMES)
+        self.assertEqual(tuple(re.findall(r'^## (.+)$', english, re.M)), SECTIONS)
+        for level in ('## ', '### '):
+            self.assertEqual(len(re.findall(rf'^{level}', english, re.M)),
+                             len(re.findall(rf'^{level}', japanese, re.M)), level)
+        for name in READMES:
+            for picture in re.findall(r'!\[[^]]*\]\(([^)]+)\)', read(name)):
+                self.assertTrue((HERE / picture).is_file(), f'{name} shows {picture}')
+
+    def test_fix_tables_agree_and_each_row_is_pinned_by_real_tests(self):
+        english, japanese = (fix_rows(read(name)) for name in READMES)
+        self.assertEqual(english, list(range(1, len(english) + 1)))
+        self.assertGreaterEqual(len(english), 18)
         self.assertEqual(english, japanese)
-        missing = {t for tests in english.values() for t in tests} - test_names()
+        tests = {n: patch_tests(n) for n in english}
+        self.assertTrue(all(tests.values()), f'rows whose patch names no test: {tests}')
+        missing = {t for names in tests.values() for t in names} - test_names()
         self.assertEqual(missing, set())
-        self.assertTrue(all(english.values()), 'every row names a test')
 
     def test_both_readmes_show_the_same_commands_and_figures(self):
         english, japanese = (read(name) for name in READMES)

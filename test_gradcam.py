@@ -14,9 +14,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+import options
 import pictures
 import predict
 import train
+from alexnet import AlexNet
 from gradcam import grad_cam
 from resnet import ResNet18
 from test_helpers import make_colour_folder, run_cli, run_main
@@ -74,6 +76,27 @@ class GradCamTest(unittest.TestCase):
             self.assertTrue(0 <= cam.min() and cam.max() <= 1)
             torch.testing.assert_close(cam, grad_cam(model, x, targets, layer=deepest))
             self.assertFalse(torch.allclose(cam, grad_cam(model, x, targets, layer=shallower)))
+
+    def test_every_model_offered_gets_a_map(self):
+        torch.manual_seed(0)
+        for name in options.MODELS:
+            with self.subTest(name):
+                model = train.build_model(name, 10).eval()
+                size = AlexNet.MIN_INPUT_SIZE if name == 'alexnet' else 32
+                x = torch.randn(2, 3, size, size)
+                targets = model(x).argmax(dim=1)
+                cam = grad_cam(model, x, targets)
+                self.assertEqual(cam.shape, (2, size, size))
+                self.assertTrue(torch.isfinite(cam).all() and 0 <= cam.min() and cam.max() <= 1)
+        # At 67 px AlexNet's last convs end at 1x1, and its adaptive pool only repeats that
+        # value 6x6: the map comes from the last pool before them, 3x3.
+        model = train.build_model('alexnet', 10).eval()
+        x = torch.randn(2, 3, AlexNet.MIN_INPUT_SIZE, AlexNet.MIN_INPUT_SIZE)
+        targets = model(x).argmax(dim=1)
+        torch.testing.assert_close(grad_cam(model, x, targets),
+                                   grad_cam(model, x, targets, layer=model.maxpool2))
+        self.assertFalse(torch.allclose(grad_cam(model, x, targets),
+                                        grad_cam(model, x, targets, layer=model.avg_pool)))
 
     def test_it_finds_the_evidence(self):
         # The class is the colour of a small square at a random place on grey noise: after a
@@ -172,13 +195,14 @@ class PicturesTest(unittest.TestCase):
 
     def test_cam_writes_one_picture_per_image(self):
         out_dir = Path(self.tmp.name, 'cams')
-        folder = Path(self.data, 'test', 'red')
+        folder = Path(self.data, 'test')  # red/000.png, blue/000.png, ...: the same names
         code, out, err = run_cli(predict.main, folder, '--weights', self.weights, '--cam',
                                  out_dir, '--device', 'cpu')
         self.assertEqual(code, 0, err)
         written = sorted(p.name for p in out_dir.iterdir())
-        self.assertEqual(written, sorted(f'{p.stem}.cam.png' for p in folder.iterdir()))
-        self.assertIn(f'wrote 7 Grad-CAM pictures to {out_dir}', out)
+        self.assertEqual(written, sorted(f'{p.parent.name}_{p.stem}.cam.png'
+                                         for p in folder.rglob('*.png')))
+        self.assertIn(f'wrote 21 Grad-CAM pictures to {out_dir}', out)
         with Image.open(out_dir / written[0]) as im:
             self.assertEqual(im.size[0], 2 * pictures.TILE + 30)  # the photo, and the map on it
 

@@ -26,7 +26,9 @@ def script_outputs():
     code = ('import runpy, sys\n'
             'for name in sys.argv[1:]:\n'
             '    print("=== " + name, flush=True)\n'
+            '    argv, sys.argv = sys.argv, [name]  # as `python NAME` sees it\n'
             '    runpy.run_path(name, run_name="__main__")\n'
+            '    sys.argv = argv\n'
             # And which torchvision modules `import train` brings in (TrainTest).
             'import train\n'
             'print("=== import train")\n'

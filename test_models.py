@@ -2,7 +2,7 @@
 
 This file tests the models: alexnet.py, layers.py and resnet.py, each against the article's bugs
 and against torchvision. Each of the article's bugs has a test that fails on the article's code
-(README, "What the article got wrong"). Everything runs on the CPU, on data the tests make, with
+(README, "The article's code, corrected"). Everything runs on the CPU, on data the tests make, with
 no network.
 """
 import math

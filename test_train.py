@@ -1,7 +1,7 @@
 """Tests for train.py (and saving.py) end to end, on a small generated image folder, on the CPU.
 
 Each of the article's bugs in the training script has a test here that fails on the article's
-code (README, "What the article got wrong"). No test touches the network.
+code (README, "The article's code, corrected"). No test touches the network.
 """
 import contextlib
 import copy
@@ -314,7 +314,7 @@ class TrainTest(unittest.TestCase):
         self.assertEqual(count_parameters(train.build_model('resnet56', 10)), 853_018)
 
     def test_defaults_that_depend_on_other_arguments(self):
-        # --small-input trains at batch 256 (README, Results), the ImageNet stem at 512, AlexNet
+        # --small-input trains at batch 256 (RESULTS.md), the ImageNet stem at 512, AlexNet
         # and ResNet50 at 128 (RESULTS.md); an explicit --batch-size wins every time.
         self.assertEqual(options.parse_args([]).batch_size, config.BATCH_SIZE)
         alexnet = options.parse_args(['--model', 'alexnet'])  # measured: RESULTS.md

@@ -1,13 +1,14 @@
 """Train ResNet18 on CIFAR-10 (or on your own image folder) with the article's Trainer.
 
 Mirrors the article's "ResNetを用いた画像認識": the same Trainer with epoch_train and
-epoch_valid, then the article's __main__ (data, model, optimizer, epochs), saving the best
-weights to weight.pth. Its bugs are fixed, each marked below. The data path is data.py, saving
-and loading saving.py, and what is there only for speed speed.py.
+epoch_valid, then the article's __main__ (data, model, optimizer, epochs), saving the weights of
+the epoch best on the validation images to weight.pth and measuring them once on the test set.
+Its bugs are fixed, each marked `# Article:`. The data path is data.py, saving and loading
+saving.py, and what is there only for speed speed.py.
 
     python train.py                          # ResNet18, CIFAR-10, 30 epochs
     python train.py --data DIR --epochs 5    # DIR/train/<class>/*, DIR/test/<class>/*
-    python train.py --eval weight.pth        # test accuracy of saved weights
+    python train.py --eval weight.pth        # test saved weights: accuracy, confusion, pictures
 """
 import math
 import os
@@ -101,7 +102,7 @@ class Trainer:
         correct = (torch.cat(predictions) == torch.cat(labels)).sum().item()
         return epoch_loss, 100 * correct / total
 
-    @torch.no_grad()  # the article validated with autograd on, storing every activation
+    @torch.no_grad()  # Article: autograd on in validation, storing every activation
     def epoch_valid(self, valid_loader):
         self.model.eval()
         epoch_loss = torch.zeros((), device=self.device)
@@ -112,8 +113,8 @@ class Trainer:
             targets = targets.to(self.device).long()
             with self._autocast():
                 outputs = self.model(inputs)
-            # The loss in fp32 (the logits may be bf16 under autocast), summed over samples: the
-            # article averaged batch means, which weighs the short last batch's images more.
+            # Article: the mean of batch means, which weighs the short last batch's images more.
+            # Here the loss in fp32 (the logits may be bf16 under autocast), summed over samples.
             epoch_loss += self.criterion(outputs.float(), targets) * targets.size(0)
             n = outputs.shape[1]
             confusion = confusion + torch.bincount(targets * n + outputs.argmax(dim=1),
@@ -290,7 +291,8 @@ def train(args, device):
     valid_x, valid_y = subset(train_x, valid_idx), train_y[valid_idx]
     train_x, train_y = subset(train_x, train_idx), train_y[train_idx]
     fixes = options.fixes_of(args.recipe)
-    # The article fed raw [0, 1] pixels; the fix normalises with the training images' statistics.
+    # Article: raw [0, 1] pixels, and no augmentation. The fixes normalise with the training
+    # images' statistics, and crop and flip each training image anew each epoch (the loader).
     mean, std = (channel_stats(train_x, workers=args.workers or os.cpu_count() or 1)
                  if 'norm' in fixes else ([0.0] * 3, [1.0] * 3))
     timings = {'loading data': time.perf_counter() - t0}
@@ -309,9 +311,10 @@ def train(args, device):
     torch.manual_seed(args.seed)
     model = build_model(args.model, len(classes), args.small_input, args.plain)
     model = speed.prepare_model(model, device)
-    # The article used plain SGD at lr 0.001 with no schedule: 52.19% after 5 epochs, where
-    # the fixed recipe reaches 74.18% (README, "What each fix buys").
+    # Article: plain SGD at lr 0.001 with no schedule (README, "What the recipe buys").
     optimizer = build_optimizer(model, args.lr, device, fixes)
+    # Article: PIL decoded and resized every image in every epoch. Here each is decoded once,
+    # and the loaders crop, flip and normalise whole batches on the device (data.py).
     common = dict(device=device, workers=args.workers, memory_format=speed.memory_format(device))
     train_loader = make_loader(train_x, train_y, args.batch_size, mean, std, args.image_size,
                                True, seed=args.seed, augment='augment' in fixes, **common)
@@ -394,7 +397,7 @@ def fit(trainer, loaders, args, files, history, start, timings):
                 files.save(saving.checkpoint(trainer, epoch, args, files, history))
                 last_save = time.monotonic()
         t0 = time.perf_counter()
-        test_loss, test_acc = test_once(trainer, test_loader, best, files)
+        test_acc = test_once(trainer, test_loader, best, files)
         timings['testing'] = time.perf_counter() - t0
     except KeyboardInterrupt:
         return stop(files, f'interrupted in epoch {epoch}', 130)
@@ -418,13 +421,13 @@ def epoch_record(epoch, train_loss, train_acc, valid_loss, valid_acc, trainer, s
 
 
 def test_once(trainer, test_loader, best, files):
-    """The test loss and accuracy of the weights the run chose, the one look at the test set;
-    recorded in weight.json when they are the weights kept there."""
+    """The test accuracy of the weights the run chose, the one look at the test set; recorded
+    in weight.json when they are the weights kept there."""
     trainer.model.load_state_dict(best.params)
-    test_loss, test_acc = trainer.epoch_valid(test_loader)
+    _, test_acc = trainer.epoch_valid(test_loader)
     if files.improved:
         files.record_test(test_acc)
-    return test_loss, test_acc
+    return test_acc
 
 
 def stop(files, what, code, advice=None):
