@@ -103,14 +103,11 @@ def memory_format(device):
 class OnePixelConv2d(nn.Conv2d):
     """nn.Conv2d, computed as one matrix product on the CPU when its output is a single pixel.
 
-    Not in the article, and not a fix: a speed-up for the CPU. At 32 px, ResNet18's last stage
-    works on 1x1 feature maps. A 3x3 conv with padding 1 then sees its input through the centre
-    tap alone (the other 8 see padding), and the stride-2 conv into the stage sees its 2x2 input
-    through 4 taps. Either is one matrix product, but oneDNN's forward and backward of such a
-    conv take 7 to 24 times as long as the product's (2-core CPU, batch 512): over a third of a
-    training step. The parameters are the same, the values the same up to rounding, and the
-    taps that only ever see padding still get a zero gradient. Other devices, and every larger
-    output, take nn.Conv2d's own route.
+    Not in the article: a CPU speed-up (RESULTS.md, "How it is fast"). At 32 px ResNet18's last
+    stage works on 1x1 maps, where a 3x3 conv sees its input through the centre tap alone (the
+    stride-2 conv into the stage through 4 taps): one matrix product, which oneDNN's conv is slow
+    at. Same parameters, same values up to rounding; padding-only taps get a zero gradient.
+    Other devices and larger outputs take nn.Conv2d's own route.
     """
 
     def forward(self, x):
@@ -189,20 +186,13 @@ def can_graph_whole_step(amp_dtype):
 
 
 class GraphedStep:
-    """CUDA only, the default there (--no-graph-whole-step: graph_model instead): the Trainer's
-    whole train_step - forward, loss, backward and the SGD update - recorded as one CUDA graph
-    and replayed for each batch.
-
-    graph_model records the model alone, so between two replays the host still launches the
-    loss, its backward, the optimizer's update and the data path. Here it launches, per batch,
-    the data path, two copies into the graph's input buffers, the lr and the replay (and the
-    Trainer's loss copy and argmax). The graph reads the lr from a tensor, which each call sets
-    from the optimizer's current lr (the scheduler's).
-
-    Recording runs the step `warmup` times first on the sample batch (cuDNN picks its kernels,
-    SGD makes its momentum buffers), then puts the weights, the BatchNorm statistics and the
-    momentum back as they were: the replays train exactly as train_step would. The loss and
-    outputs a call returns live in the graph's memory until the next call; the loss is copied.
+    """CUDA only, the default there: the Trainer's whole train_step (forward, loss, backward,
+    SGD update) recorded as one CUDA graph and replayed for each batch; graph_model records the
+    model alone (--no-graph-whole-step). The graph reads the lr from a tensor set from the
+    optimizer's lr at each call. Recording first runs the step `warmup` times on the sample batch
+    (cuDNN picks kernels, SGD makes its momentum), then puts the weights, BatchNorm statistics
+    and momentum back, so replays train exactly as train_step would. A call's loss and outputs
+    live in the graph's memory until the next call; the loss is copied.
     """
 
     def __init__(self, trainer, inputs, targets, warmup=3):
