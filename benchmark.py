@@ -104,7 +104,7 @@ def measure(name, image_size, batch_size, device, precision, steps, repeats, lau
     optimizer = train.build_optimizer(model, 0.01, device)  # train.py's own
     amp_dtype = speed.choose_precision(precision, device)
     trainer = train.Trainer(model, optimizer, train.build_criterion(), device,
-                            amp_dtype=amp_dtype)
+                            precision=amp_dtype)
     trainer.progress = False
 
     # A synthetic data set of CIFAR's shape (32 px uint8), fed at image_size as train.py does.
@@ -121,7 +121,7 @@ def measure(name, image_size, batch_size, device, precision, steps, repeats, lau
     if launch == 'graph':  # as train.py --no-graph-whole-step does on CUDA
         speed.graph_model(model, inputs, amp_dtype)
     elif launch == 'whole':  # as train.py does on CUDA (its default)
-        trainer.graphed_step = speed.GraphedStep(trainer, inputs, targets)
+        trainer.train_step = speed.GraphedStep(trainer, inputs, targets)
 
     def rate(fn, count):
         sync(device)
@@ -164,9 +164,9 @@ def data_path_rates(device, count, batch_size=128):
     images = arrays.permute(0, 3, 1, 2).contiguous().to(device)
     for px in (224, 32):
         rates[f'tensor_{px}_img_s'] = loader_rate(
-            data.make_loader(images, torch.zeros(count, dtype=torch.long), batch_size, [0.5] * 3,
-                             [0.25] * 3, px, True, device,
-                             memory_format=speed.memory_format(device)), device)
+            data.make_loader(images, torch.zeros(count, dtype=torch.long), batch_size=batch_size,
+                             mean=[0.5] * 3, std=[0.25] * 3, image_size=px, train=True,
+                             device=device, memory_format=speed.memory_format(device)), device)
     with tempfile.TemporaryDirectory() as tmp:
         for px, held, n in ((32, 32, count), (224, 256, max(batch_size, count // 5))):
             files = []
@@ -175,7 +175,8 @@ def data_path_rates(device, count, batch_size=128):
                 img.resize((held, held), Image.BILINEAR).save(files[-1], quality=90)
             rates[f'stream_{px}_img_s'] = loader_rate(
                 data.make_loader(data.ImageFiles(files, px), torch.zeros(n, dtype=torch.long),
-                                 batch_size, [0.5] * 3, [0.25] * 3, px, True, device,
+                                 batch_size=batch_size, mean=[0.5] * 3, std=[0.25] * 3,
+                                 image_size=px, train=True, device=device,
                                  memory_format=speed.memory_format(device)), device)
     return rates
 
@@ -281,7 +282,7 @@ def run_rows(rows, device, steps, repeats, args):
           f'{"epoch img/s":>13}{"efficiency":>12}{"eval img/s":>12}')
     results, failed = [], []
     for model, px, batch, precision, launch in rows:
-        # On CUDA the article's network runs ~10x slower: a fifth of the steps still takes seconds.
+        # On CUDA the article's network runs much slower: a fifth of the steps still takes seconds.
         fewer = model == 'resnet18-article' and device.type == 'cuda' and not args.steps
         row = (f'{model:<17}{speed.precision_name(speed.choose_precision(precision, device)):<6}'
                f'{launch:<9}{batch:>6}{px:>5}')

@@ -23,7 +23,7 @@ from errors import UsageError
 
 CIFAR10_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
 # The file types of torchvision's ImageFolder, listed here so that an image folder is read
-# without importing torchvision (about 3 s of start-up on 2 CPU cores).
+# without importing torchvision (seconds of start-up on a small CPU).
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 MEMORY_HEADROOM = 2**30  # bytes of RAM (and GPU memory) kept for the model beside the images
 
@@ -302,10 +302,11 @@ def subset(images, idx):
     return images[idx]
 
 
-def make_loader(images, labels, batch_size, mean, std, image_size, train, device,
+def make_loader(images, labels, *, batch_size, mean, std, image_size, train, device,
                 workers=0, **kwargs):
     """The loader of a data set: TensorLoader for a uint8 tensor (moved to device), or
-    StreamLoader for ImageFiles. Both batch, crop, flip and normalise alike."""
+    StreamLoader for ImageFiles. Both batch, crop, flip and normalise alike; train=True
+    shuffles and keeps full batches only."""
     if isinstance(images, ImageFiles):
         return StreamLoader(images, labels, batch_size, mean, std, image_size, train, device,
                             workers=workers, **kwargs)
@@ -338,7 +339,7 @@ class TensorLoader:
         h, w = images.shape[-2:]
         self.padding = min(padding, h - 1, w - 1)
         self.memory_format = memory_format
-        # On the CPU, resize the uint8 channels-last batch (about 15x faster there than resizing
+        # On the CPU, resize the uint8 channels-last batch (much faster there than resizing
         # floats); elsewhere resize after the float conversion (GPUs resize floats only).
         self.resize_uint8 = self.device.type == 'cpu'
         # x_norm = (x / 255 - mean) / std  ==  x * scale - shift

@@ -171,7 +171,7 @@ def train_net(depth, plain, loaders, classes, args, device, amp_dtype):
                            'lr': optimizer.param_groups[0]['lr'], 'seconds': train_time,
                            'img_per_s': round(len(train_loader) * args.batch_size / train_time)},
                           args.epochs)
-    trainer.graphed_step = None  # the plain model again, for the last measurement
+    vars(trainer).pop('train_step', None)  # the eager step again, if a CUDA graph replaced it
     record['gradients_after'] = gradient_norms(model, *probe, trainer.criterion)
     record['seconds'] = round(record['seconds'], 1)
     return record
@@ -240,12 +240,12 @@ def main(argv=None):
         train_x, train_y, test_x, test_y, classes = load_subsets(args, device)
         fixes = options.fixes_of(args.recipe)
         mean, std = channel_stats(train_x) if 'norm' in fixes else ([0.0] * 3, [1.0] * 3)
-        common = dict(device=device, workers=args.workers,
-                      memory_format=speed.memory_format(device))
-        loaders = (make_loader(train_x, train_y, args.batch_size, mean, std, IMAGE_SIZE, True,
+        common = dict(mean=mean, std=std, image_size=IMAGE_SIZE, device=device,
+                      workers=args.workers, memory_format=speed.memory_format(device))
+        loaders = (make_loader(train_x, train_y, batch_size=args.batch_size, train=True,
                                seed=args.seed, augment='augment' in fixes, **common),
-                   make_loader(test_x, test_y, 2 * args.batch_size, mean, std, IMAGE_SIZE,
-                               False, **common))
+                   make_loader(test_x, test_y, batch_size=2 * args.batch_size, train=False,
+                               **common))
         print(f'{len(train_x):,} train and {len(test_x):,} test images, {len(classes)} classes; '
               f'{device.type}, {speed.precision_name(amp_dtype)}, {args.epochs} epochs of '
               f'{len(loaders[0])} batches of {args.batch_size}, peak lr {args.lr}', flush=True)

@@ -90,9 +90,34 @@ def pick_device(name):
     return torch.device(name)
 
 
-def per_model(key):
-    """'alexnet 128, resnet50 128, ...': the models with their own default for key."""
-    return ', '.join(f'{name} {d[key]}' for name, d in config.MODEL_DEFAULTS.items() if key in d)
+def batch_size_and_lr(args, n_train):
+    """--batch-size and --lr, or where left out, the model's row of config.TRAIN_DEFAULTS (the
+    article's lr for a recipe without the lr fix). A folder too small for a dozen batches of the
+    row's size gets a batch that gives it one, down to 16, with the lr scaled alike; the
+    returned note says so (None otherwise)."""
+    row_batch, row_lr = config.TRAIN_DEFAULTS[args.model + ' --small-input' * args.small_input]
+    if 'lr' not in fixes_of(args.recipe):
+        row_lr = config.ARTICLE_LR
+    batch_size, lr, note = args.batch_size or row_batch, args.lr or row_lr, None
+    if args.batch_size is None and n_train < 12 * batch_size:
+        batch_size = max(16, 2 ** int(math.log2(max(1, n_train // 12))))
+        if args.lr is None:
+            lr = row_lr * batch_size / row_batch
+        note = (f'{n_train} training images: batches of {batch_size}, not {row_batch}, so '
+                f'that an epoch takes {n_train // batch_size} steps, at lr {lr:g}')
+    return batch_size, lr, note
+
+
+def eval_batch_size(batch_size=None):
+    """Evaluation keeps no activations for a backward, so it takes larger batches; at most
+    twice --batch-size, so that a smaller --batch-size also helps when memory runs out."""
+    return min(config.EVAL_BATCH_SIZE, 2 * batch_size) if batch_size else config.EVAL_BATCH_SIZE
+
+
+def default_help(key):
+    """'resnet18 512, resnet18 --small-input 256, ...': config.TRAIN_DEFAULTS for --help."""
+    i = ('batch_size', 'lr').index(key)
+    return ', '.join(f'{name} {row[i]}' for name, row in config.TRAIN_DEFAULTS.items())
 
 
 def build_parser():
@@ -118,12 +143,12 @@ def build_parser():
     p.add_argument('--epochs', type=positive(int), default=config.NUM_EPOCHS,
                    help='passes over the training set (default: %(default)s)')
     p.add_argument('--batch-size', type=positive(int), default=None,
-                   help=f'images per step (default: {config.BATCH_SIZE}; '
-                        f'{config.SMALL_INPUT_BATCH_SIZE} with --small-input; '
-                        f'{per_model("batch_size")})')
+                   help=f'images per step (default: per model, config.TRAIN_DEFAULTS: '
+                        f'{default_help("batch_size")}; smaller for a small folder)')
     p.add_argument('--lr', type=positive(float), default=None,
-                   help=f'peak learning rate (default: {config.LR}; {per_model("lr")}; '
-                        f'{config.ARTICLE_LR} for a recipe without the lr fix)')
+                   help=f'peak learning rate (default: per model, config.TRAIN_DEFAULTS: '
+                        f'{default_help("lr")}; {config.ARTICLE_LR} for a recipe without the '
+                        f'lr fix)')
     p.add_argument('--recipe', type=recipe, default=config.RECIPE,
                    help='how to train: fixed (this repository\'s recipe), article (the '
                         'article\'s: SGD lr 0.001, no schedule, no normalisation, no '
@@ -174,17 +199,7 @@ def add_model_and_run_arguments(p):
 
 
 def parse_args(argv=None):
-    args = build_parser().parse_args(argv)
-    # Defaults that depend on other arguments; an explicit value always wins.
-    model = config.MODEL_DEFAULTS.get(args.model, {})
-    if args.batch_size is None:
-        small = config.SMALL_INPUT_BATCH_SIZE if args.small_input else config.BATCH_SIZE
-        args.batch_size = model.get('batch_size', small)
-    if args.lr is None:
-        args.lr = model.get('lr', config.LR) if 'lr' in fixes_of(args.recipe) else config.ARTICLE_LR
-    if args.graph_whole_step is None:
-        args.graph_whole_step = config.GRAPH_WHOLE_STEP and args.cuda_graphs
-    return args
+    return build_parser().parse_args(argv)
 
 
 def check_args(args):

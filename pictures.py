@@ -143,33 +143,26 @@ def filters_picture(model):
     return grid(tiles, [''] * len(tiles), columns=16, tile=max(24, 6 * w.shape[-1]))
 
 
-@torch.no_grad()
-def most_confident_mistakes(trainer, loader, k=24):
+def most_confident_mistakes(probs, labels, k=24):
     """(indices, predicted classes, probabilities) of the k wrongly classified images the
-    network was surest of, surest first."""
-    trainer.model.eval()
-    probs, labels = [], []
-    for inputs, targets in loader:
-        with trainer._autocast():
-            probs.append(trainer.model(inputs).float().softmax(dim=1).cpu())
-        labels.append(targets.cpu())
-    confidence, predicted = torch.cat(probs).max(dim=1)
-    wrong = (predicted != torch.cat(labels)).nonzero().flatten()
+    network was surest of, surest first; probs are (N, num_classes)."""
+    confidence, predicted = probs.max(dim=1)
+    wrong = (predicted != labels).nonzero().flatten()
     surest = wrong[confidence[wrong].argsort(descending=True)[:k]]
     return surest, predicted[surest], confidence[surest]
 
 
-def write_eval_files(path, trainer, loader, classes, images, labels):
+def write_eval_files(path, confusion, model, probs, classes, images, labels):
     """Beside the weights at path (NAME.pth): NAME.confusion.csv, NAME.confusion.png,
-    NAME.mistakes.png and NAME.filters.png, from the evaluation just run. Returns a line for
-    each, saying what was written."""
+    NAME.mistakes.png and NAME.filters.png, from an evaluation's confusion matrix and class
+    probabilities (N, num_classes). Returns a line for each, saying what was written."""
     stem = str(path.with_suffix(''))
-    saving.save_text(confusion_csv(trainer.confusion, classes), f'{stem}.confusion.csv')
-    save_png(confusion_picture(trainer.confusion, classes), f'{stem}.confusion.png')
-    save_png(filters_picture(trainer.model), f'{stem}.filters.png')
+    saving.save_text(confusion_csv(confusion, classes), f'{stem}.confusion.csv')
+    save_png(confusion_picture(confusion, classes), f'{stem}.confusion.png')
+    save_png(filters_picture(model), f'{stem}.filters.png')
     lines = [f'wrote {stem}.confusion.csv and {stem}.confusion.png (the matrix), '
              f'{stem}.filters.png (the first layer\'s filters)']
-    idx, predicted, confidence = most_confident_mistakes(trainer, loader)
+    idx, predicted, confidence = most_confident_mistakes(probs, labels)
     if len(idx) == 0:
         return lines + ['every test image was classified right: no mistakes to draw']
     shown = images[idx] if isinstance(images, torch.Tensor) else \

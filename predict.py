@@ -25,32 +25,26 @@ import pictures
 import saving
 import speed
 import train
-from data import IMG_EXTENSIONS, ImageFiles, decode_images, find_images, make_loader, \
-    memory_shortfall
+from data import IMG_EXTENSIONS, ImageFiles, decode_images, find_images, load_cifar10, \
+    load_image_folder, make_loader, memory_shortfall
 from errors import UsageError
 from gradcam import grad_cam
 
-NEEDED = ('model', 'classes', 'image_size', 'mean', 'std')  # what weight.json must say
-
 
 def load_model(path, device):
-    """The network saved at path, in eval mode on device, and its weight.json."""
+    """The network saved at path, in eval mode on device, and its saving.WeightRecord."""
     path = Path(path)
     state = saving.load_weights(path)
-    meta = saving.read_json(path.with_suffix('.json'))
-    if meta is None or not all(k in meta for k in NEEDED):
-        raise UsageError(f'{path} has no readable {path.with_suffix(".json").name} beside it, '
-                         f'which says what the weights are and how to prepare an image; keep '
-                         f'the one train.py wrote with them')
-    if meta['model'] not in options.MODELS:
-        raise UsageError(f'{path.with_suffix(".json")} names an unknown model {meta["model"]!r}')
-    small_input, plain = meta.get('small_input', False), meta.get('plain', False)
-    model = train.build_model(meta['model'], len(meta['classes']), small_input, plain)
-    what = (f'the {meta["model"]}{" --small-input" * small_input}{" --plain" * plain} its '
-            f'weight.json names')
+    record = saving.read_record(path)
+    if record.model not in options.MODELS:
+        raise UsageError(f'{path.with_suffix(".json")} names an unknown model {record.model!r}')
+    model = train.build_model(record.model, len(record.classes), record.small_input,
+                              record.plain)
+    what = (f'the {record.model}{" --small-input" * record.small_input}'
+            f'{" --plain" * record.plain} its weight.json names')
     saving.load_into(model, state, path, what, advice='retrain, or put back the weight.json '
                                                       'that was written with them')
-    return speed.prepare_model(model, device).eval(), meta
+    return speed.prepare_model(model, device).eval(), record
 
 
 def image_files(paths):
@@ -69,18 +63,24 @@ def image_files(paths):
     return files
 
 
-def batches(files, meta, device, workers=0, stream=None):
+def batches(files, record, device, workers=0, stream=None):
     """A loader of the files' images as evaluation feeds them: decoded at once or, when they
     would not fit in memory (or stream=True), batch by batch as train.py streams its test
     images."""
-    held = meta.get('held_size', meta['image_size'])
+    held = record.held_size or record.image_size
     if stream is None:
         stream = memory_shortfall(len(files), held, device) is not None
     workers = workers or os.cpu_count() or 1
     images = ImageFiles(files, held) if stream else decode_images(files, held, workers)
-    return make_loader(images, torch.zeros(len(files), dtype=torch.long),
-                       config.EVAL_BATCH_SIZE, meta['mean'], meta['std'], meta['image_size'],
-                       False, device, workers, memory_format=speed.memory_format(device))
+    return make_loader(images, torch.zeros(len(files), dtype=torch.long), **loader_args(
+        record, device, workers))
+
+
+def loader_args(record, device, workers, batch_size=config.EVAL_BATCH_SIZE):
+    """make_loader's arguments for evaluating the weights `record` describes."""
+    return dict(batch_size=batch_size, mean=record.mean, std=record.std,
+                image_size=record.image_size, train=False, device=device, workers=workers,
+                memory_format=speed.memory_format(device))
 
 
 @torch.no_grad()
@@ -93,37 +93,75 @@ def batch_probabilities(loader, model, device, amp_dtype):
         yield inputs, logits.float().softmax(dim=1)
 
 
-def probabilities(files, model, meta, device, amp_dtype, workers=0, stream=None):
+def probabilities(files, model, record, device, amp_dtype, workers=0, stream=None):
     """Yield each file's class probabilities, (num_classes,)."""
-    loader = batches(files, meta, device, workers, stream)
+    loader = batches(files, record, device, workers, stream)
     for _, probs in batch_probabilities(loader, model, device, amp_dtype):
         yield from probs.cpu()
 
 
-def write_cams(files, model, meta, device, amp_dtype, folder, k):
+def write_cams(files, model, record, device, amp_dtype, folder, k):
     """For each file, FOLDER/<name>.cam.png (<folder>_<name>.cam.png where two files share a
     name): the image as fed, its Grad-CAM for the likeliest class over it, and the k likeliest
     classes. Returns the paths written."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    mean, std = (torch.tensor(meta[key], device=device).view(3, 1, 1) for key in ('mean', 'std'))
+    mean, std = (torch.tensor(v, device=device).view(3, 1, 1) for v in (record.mean, record.std))
     stems = [Path(f).stem for f in files]
     repeated = {s for s, n in Counter(stems).items() if n > 1}  # same name, other folders
     names = [f'{Path(f).parent.name}_{s}' if s in repeated else s for f, s in zip(files, stems)]
     written, i = [], 0
-    loader = batches(files, meta, device)
+    loader = batches(files, record, device)
     for inputs, probs in batch_probabilities(loader, model, device, amp_dtype):
         heat = grad_cam(model, inputs.float(), probs.argmax(dim=1))
         for x, h, p in zip(inputs, heat, probs.cpu()):
             top = p.topk(k)
             path = folder / f'{names[i]}.cam.png'
             pictures.save_png(pictures.cam_picture(
-                x.float() * std + mean, h, [(meta['classes'][c], q) for q, c in
+                x.float() * std + mean, h, [(record.classes[c], q) for q, c in
                                             zip(top.values.tolist(), top.indices.tolist())],
                 Path(files[i]).name), path)
             written.append(path)
             i += 1
     return written
+
+
+def evaluate(args, device):
+    """python train.py --eval PATH: the test accuracy, per-class accuracy and confusion matrix
+    of saved weights, and pictures of them. Their weight.json says what they are and which
+    data they were trained on (--data names another folder with the same classes)."""
+    path = Path(args.eval)
+    model, record = load_model(path, device)
+    data_dir = args.data or (record.data if record.data != 'cifar10' else None)
+    if not args.data and data_dir and not Path(data_dir).is_dir():
+        raise UsageError(f'{path} was trained on {data_dir}, which is not there any more; '
+                         f'pass --data DIR with its test images')
+    _, _, test_x, test_y, classes = (
+        load_image_folder(data_dir, record.image_size, args.workers, need_train=False,
+                          device=device, stream=args.stream) if data_dir
+        else load_cifar10(args.data_root))
+    if record.classes != list(classes):
+        raise UsageError(f'{path} was trained on the classes {record.classes}, '
+                         f'but the data has {list(classes)}')
+    trainer = train.Trainer(model, None, train.build_criterion(options.fixes_of(record.recipe)),
+                            device, precision=speed.choose_precision(args.precision, device))
+    batch_size = options.eval_batch_size(args.batch_size)
+    loader = make_loader(test_x, test_y, **loader_args(record, device, args.workers, batch_size))
+    loss, acc = trainer.epoch_valid(loader)
+    print('per-class accuracy:')
+    saving.print_class_accuracy(classes, trainer.class_accuracy)
+    print('confusion matrix, in images (rows: the true class; columns: the predicted class):')
+    print('\n'.join(pictures.confusion_text(trainer.confusion, classes)))
+    what = record.model + ' --small-input' * record.small_input + ' --plain' * record.plain
+    print(f'{path}: test accuracy {acc:.2f}% on {len(test_y):,} images ({what}, '
+          f'{record.image_size} px, loss {loss:.3f})' +
+          (f'; the run measured {record.test_acc:.2f}%' if record.test_acc is not None else ''))
+    probs = torch.cat([p.cpu() for _, p in
+                       batch_probabilities(loader, model, device, trainer.amp.dtype)])
+    for line in pictures.write_eval_files(path, trainer.confusion, model, probs, classes,
+                                          test_x, test_y):
+        print(line)
+    return 0
 
 
 def main(argv=None):
@@ -142,16 +180,16 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         device = options.pick_device(args.device)
-        model, meta = load_model(args.weights, device)
+        model, record = load_model(args.weights, device)
         files = image_files(args.images)
         amp_dtype = speed.choose_precision('auto', device)
-        k = min(args.topk, len(meta['classes']))
-        for path, probs in zip(files, probabilities(files, model, meta, device, amp_dtype)):
+        k = min(args.topk, len(record.classes))
+        for path, probs in zip(files, probabilities(files, model, record, device, amp_dtype)):
             top = probs.topk(k)
-            print(path + ''.join(f'  {meta["classes"][c]} {p:.1%}'
+            print(path + ''.join(f'  {record.classes[c]} {p:.1%}'
                                  for p, c in zip(top.values.tolist(), top.indices.tolist())))
         if args.cam:
-            written = write_cams(files, model, meta, device, amp_dtype, args.cam, k)
+            written = write_cams(files, model, record, device, amp_dtype, args.cam, k)
             print(f'wrote {len(written)} Grad-CAM picture{"s" * (len(written) != 1)} to '
                   f'{args.cam}')
     except UsageError as e:

@@ -1,18 +1,23 @@
 """Saving and loading: the files a run writes beside --out, each replaced in one step.
 
-weight.pth holds the best weights as a plain state_dict, as in the article; weight.json says what
-they are (model, classes, image size, mean and std, accuracy); weight.csv and weight.png hold the
-history; weight.ckpt holds what --resume needs.
+weight.pth holds the best weights as a plain state_dict, as in the article; weight.json, their
+WeightRecord, says what they are (model, classes, how to prepare an image, accuracy); weight.csv
+and weight.png hold the history; weight.ckpt holds what --resume needs. Run keeps a training run's
+files and stops it cleanly on Ctrl-C, a diverging loss or running out of memory.
 """
 import csv
 import io
 import json
 import os
+import sys
 import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import torch
 
+import options
 from errors import UsageError
 
 
@@ -80,40 +85,131 @@ def save_plot(history, path):
     plt.close(fig)
 
 
-class RunFiles:
-    """The files of one training run, beside `out`, and the validation accuracy they hold.
+# What must match for two runs' weights to be compared on their validation accuracy, and what
+# a weight file must say for an image to be prepared for it.
+SETUP = ('model', 'small_input', 'plain', 'image_size', 'data', 'classes', 'recipe',
+         'valid_split')
+NEEDED = ('model', 'classes', 'image_size', 'mean', 'std')
 
-    A good weight.pth is only ever replaced by weights of the same setup that are better on the
-    validation images: the weights already at `out`, if any, set the accuracy to beat, and
-    weights of another setup, or whose weight.json is gone, stop the run before anything is
-    written. The test accuracy is recorded once, at the end, and chooses nothing.
+
+@dataclass
+class WeightRecord:
+    """What a weight file is: weight.json beside weight.pth. Its SETUP, how to prepare an image
+    for it (held_size, image_size, mean, std), what training started from (random weights,
+    torchvision's ImageNet weights or an --init file) and how good it is."""
+    model: str
+    classes: list
+    image_size: int
+    mean: list
+    std: list
+    small_input: bool = False
+    plain: bool = False
+    data: str = 'cifar10'
+    recipe: str = 'fixed'
+    valid_split: Optional[dict] = None  # {'fraction', 'seed'}
+    held_size: Optional[int] = None  # the side images are decoded at, before any resize
+    start: str = 'random'  # 'random', 'imagenet <weights>' or 'init <path>'
+    freeze: bool = False  # only the fc trained
+    epochs: Optional[int] = None
+    precision: Optional[str] = None
+    valid_acc: Optional[float] = None  # None: no validation (the last epoch was kept)
+    best_epoch: int = 0
+    test_acc: Optional[float] = None  # measured once, after the run chose these weights
+
+    def setup(self):
+        return {k: getattr(self, k) for k in SETUP}
+
+    def write(self, path):
+        save_text(json.dumps(asdict(self), indent=1), path)
+
+
+def read_record(weights):
+    """The WeightRecord of the weights at path `weights`, from the .json beside them; one
+    sentence when it is missing, unreadable or does not say how to prepare an image."""
+    path = Path(weights).with_suffix('.json')
+    data = read_json(path)
+    if data is None or not all(k in data for k in NEEDED):
+        raise UsageError(f'{weights} has no readable {path.name} beside it, which says what the '
+                         f'weights are and how to prepare an image (it is missing or '
+                         f'unreadable); keep the one train.py wrote with them, or retrain')
+    known = {f.name for f in fields(WeightRecord)}
+    return WeightRecord(**{k: v for k, v in data.items() if k in known})
+
+
+class Best(NamedTuple):
+    """The best weights known: their validation accuracy (None without validation), their
+    epoch, and a copy of them; params None: the weights already in --out, from an earlier run."""
+    valid_acc: Optional[float]
+    epoch: int
+    params: Optional[dict]
+
+
+class Diverged(Exception):
+    """The training loss is no longer a number; `advice` says what to change."""
+
+    def __init__(self, what, advice):
+        super().__init__(what)
+        self.advice = advice
+
+
+def out_of_memory(e):
+    """Whether e is torch running out of memory: on a GPU (torch.cuda.OutOfMemoryError), on
+    Apple's mps or in the CPU's allocator (a RuntimeError that says so)."""
+    return isinstance(e, torch.cuda.OutOfMemoryError) or isinstance(e, RuntimeError) and any(
+        s in str(e) for s in ('out of memory', "can't allocate memory", 'not enough memory'))
+
+
+TIMINGS = ('loading data', 'recording CUDA graphs', 'training', 'evaluating', 'testing', 'saving')
+
+
+def out_of_memory_advice(args, device='cpu'):
+    """What ran out of memory, and what to pass: for --eval, its batches' size."""
+    if args.eval:
+        return (f'the {device} ran out of memory evaluating batches of '
+                f'{options.eval_batch_size(args.batch_size)} images; pass a smaller --batch-size')
+    return (f'the {device} ran out of memory for batches of {args.batch_size or "the default"} '
+            f'images at {args.image_size} px; pass a smaller --batch-size or --image-size')
+
+
+class Run:
+    """A training run's files beside --out and its best weights; `with run:` guards the epochs.
+
+    The best weights are the best known on the validation images: those already in --out (an
+    earlier run of the same setup) or this run's, so a good weight.pth is replaced only by
+    better weights. Files are written every --save-every seconds and after the last epoch. In
+    `with run:`, Ctrl-C, Diverged or running out of memory ends the run: the best weights so far
+    are written, one line says what happened, and run.exit_code is set.
     """
 
-    def __init__(self, out, setup, info, resume=False):
-        self.out = Path(out)
+    def __init__(self, trainer, record, args, checkpoint=None, timings=None):
+        self.trainer, self.record, self.args = trainer, record, args
+        self.out = Path(args.out)
         self.json, self.ckpt = self.out.with_suffix('.json'), self.out.with_suffix('.ckpt')
-        self.setup = setup  # what must match to compare or resume: model, data, split, ...
-        self.info = info  # also written to weight.json: mean, std, epochs
-        self.valid_acc, self.best_epoch = -1.0, 0  # of the weights in out (None: no validation)
-        self.test_acc = None  # of the weights in out, once measured
-        self.best_params = None  # best weights not yet written
-        self.improved = False  # whether this run replaced the weights in out
-        self.seconds = 0.0  # spent writing
+        self.best, self.unsaved = None, False  # unsaved: best.params not yet written to out
+        self.history, self.start, self.epoch = [], 1, 0
+        self.timings = dict(timings or {})  # seconds spent, by what on
+        self.exit_code, self.last_save = 0, time.monotonic()
+        if checkpoint is not None:
+            self._check_same_run(checkpoint)
         if self.out.exists():
-            self._read_previous(resume)
+            self._read_previous(resume=checkpoint is not None)
+        if checkpoint is not None:
+            self._resume(checkpoint)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
 
     def _read_previous(self, resume):
         prev = read_json(self.json)
-        acc = prev.get('valid_acc', 'missing') if prev else 'missing'
-        if not (acc is None or isinstance(acc, (int, float))):
+        if prev is None or not all(k in prev for k in (*NEEDED, 'valid_acc')):
             raise UsageError(f'{self.out} already holds weights, but {self.json}, which says what '
                              f'they are and how good, is missing or unreadable; pass --out NEW.pth '
                              f'to write elsewhere, or move {self.out} away')
-        if {k: prev.get(k) for k in self.setup} != self.setup:
+        if {k: prev.get(k) for k in SETUP} != self.record.setup():
             raise UsageError(f'{self.out} already holds weights of another setup; pass --out '
                              f'NEW.pth to write elsewhere, or move {self.out} away')
-        self.valid_acc, self.best_epoch = acc, prev.get('best_epoch', 0)
-        self.test_acc = prev.get('test_acc')
+        acc = prev['valid_acc']
+        self.best = Best(acc, prev.get('best_epoch', 0), None)
+        self.record.valid_acc, self.record.best_epoch = acc, self.best.epoch
+        self.record.test_acc = prev.get('test_acc')
         if resume:
             return
         if acc is None:
@@ -124,38 +220,148 @@ class RunFiles:
         print(f'{self.out} exists (valid accuracy {acc:.2f}%); this run replaces it only with '
               f'weights better on the validation images')
 
-    def offer(self, params, acc, epoch):
-        """Keep params (a copy, not the live state_dict) to write at the next save if their
-        validation accuracy beats the weights in out; acc None (no validation): always."""
-        if acc is not None and self.valid_acc is not None and acc <= self.valid_acc:
-            return
-        self.best_params, self.valid_acc, self.best_epoch = params, acc, epoch
-        self.test_acc = None
-        self.improved = True
+    def is_better(self, valid_acc):
+        """Whether weights of this validation accuracy beat the best known (None: always)."""
+        return self.best is None or valid_acc is None or valid_acc > self.best.valid_acc
 
-    def record_test(self, acc):
-        """The test accuracy of the weights in out, measured once after the run chose them."""
-        self.test_acc = acc
-        self._write_json()
+    def keep(self, epoch, valid_acc, params):
+        """The new best weights (a copy, not the live state_dict), written at the next save."""
+        self.best, self.unsaved = Best(valid_acc, epoch, params), True
+        self.record.valid_acc, self.record.best_epoch, self.record.test_acc = valid_acc, epoch, None
 
-    def _write_json(self):
-        save_text(json.dumps({**self.setup, **self.info, 'valid_acc': self.valid_acc,
-                              'best_epoch': self.best_epoch, 'test_acc': self.test_acc},
-                             indent=1), self.json)
+    def end_epoch(self, row, train_seconds, seconds):
+        """Add the epoch's row to the history; write the files every --save-every seconds and
+        after the last epoch."""
+        self.history.append(row)
+        self.timings['training'] = self.timings.get('training', 0.0) + train_seconds
+        self.timings['evaluating'] = self.timings.get('evaluating', 0.0) + seconds - train_seconds
+        if row['epoch'] == self.args.epochs or \
+                time.monotonic() - self.last_save >= self.args.save_every:
+            self.save(with_checkpoint=True)
+            self.last_save = time.monotonic()
 
-    def save(self, checkpoint=None):
-        """Write the best weights, if new, and after a completed epoch its checkpoint (with the
-        history, as CSV and as a plot)."""
+    def record_test(self, test_acc, seconds):
+        """The test accuracy of this run's best weights, measured once, into weight.json."""
+        self.record.test_acc = test_acc
+        self.timings['testing'] = seconds
+        self.save()
+
+    def save(self, with_checkpoint=False):
+        """Write the best weights, if new, with weight.json; and the checkpoint, with the
+        history as CSV and as a plot."""
         t = time.perf_counter()
-        if self.best_params is not None:
-            save_torch(self.best_params, self.out)
-            self._write_json()
-            self.best_params = None
-        if checkpoint is not None:
-            save_torch(checkpoint, self.ckpt)
-            save_text(history_csv(checkpoint['history']), self.out.with_suffix('.csv'))
-            save_plot(checkpoint['history'], self.out.with_suffix('.png'))
-        self.seconds += time.perf_counter() - t
+        if self.unsaved:
+            save_torch(self.best.params, self.out)
+            self.unsaved = False
+        if self.best is not None and self.best.params is not None:
+            self.record.write(self.json)
+        if with_checkpoint and self.history:
+            save_torch(self.checkpoint(), self.ckpt)
+            save_text(history_csv(self.history), self.out.with_suffix('.csv'))
+            save_plot(self.history, self.out.with_suffix('.png'))
+        self.timings['saving'] = self.timings.get('saving', 0.0) + time.perf_counter() - t
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if kind is None:
+            return False
+        if issubclass(kind, KeyboardInterrupt):
+            self._stop(f'interrupted in epoch {self.epoch}', 130)
+        elif issubclass(kind, Diverged):
+            self._stop(f'error: {error}', 1, error.advice)
+        elif out_of_memory(error):
+            advice = out_of_memory_advice(self.args, self.trainer.device.type)
+            self._stop(f'error: in epoch {self.epoch}, {advice}', 1)
+        else:
+            return False
+        return True  # handled: the run ends with exit_code
+
+    def _stop(self, what, code, advice=None):
+        """Write the best weights so far and say what happened, where they are and how to go
+        on."""
+        self.save()
+        kept = (f'the best weights so far are in {self.out} (test them: python train.py --eval '
+                f'{self.out})' if self.out.exists() else
+                'no epoch had finished, so no weights were saved')
+        if self.ckpt.exists():
+            advice = (advice + '; then' if advice else 'to continue:') + \
+                ' python train.py --resume with the same arguments'
+        print(f'\n{what}; {kept}{"; " + advice if advice else ""}', file=sys.stderr)
+        self.exit_code = code
+
+    def report(self, class_accuracy, n_test):
+        """The run's last lines: per-class test accuracy, where the time went, and what was
+        measured and saved."""
+        best, record = self.best, self.record
+        chosen = (f'epoch {best.epoch}, chosen by its valid accuracy {best.valid_acc:.2f}%'
+                  if best.valid_acc is not None else f'epoch {best.epoch}, the last: no validation')
+        # The rest of the wall time is start-up (imports, CUDA, the model and optimizer) and exit.
+        print('seconds: ' + ', '.join(f'{name} {self.timings[name]:.1f}' for name in TIMINGS
+                                      if name in self.timings))
+        if best.params is None:
+            print(f'done: no epoch beat the weights already in {self.out} ({chosen}, test '
+                  f'accuracy {record.test_acc:.2f}% measured then), which are kept; the test '
+                  f'images were not looked at')
+            return
+        print(f'per-class test accuracy ({chosen}):')
+        print_class_accuracy(record.classes, class_accuracy)
+        print(f'done: test accuracy {record.test_acc:.2f}% on the {n_test:,} test images, '
+              f'measured once ({chosen}); saved to {self.out}')
+
+    def checkpoint(self):
+        """What --resume needs to go on after this epoch as if the run had never stopped."""
+        trainer = self.trainer
+        return {'model': trainer.model.state_dict(), 'optimizer': trainer.optimizer.state_dict(),
+                'scheduler': trainer.scheduler.state_dict(), 'scaler': trainer.amp.state_dict(),
+                'rng': rng_state(trainer.device), 'epoch': self.history[-1]['epoch'],
+                'epochs': self.args.epochs, 'batch_size': self.args.batch_size,
+                'record': asdict(self.record), 'history': self.history,
+                'improved': self.best is not None and self.best.params is not None}
+
+    def _check_same_run(self, ckpt):
+        """Stop unless the checkpoint is of the run these arguments describe."""
+        was, now, args = ckpt['record'], self.record, self.args
+        same = ({k: was[k] for k in SETUP} == now.setup() and ckpt['epochs'] == args.epochs
+                and ckpt['batch_size'] == args.batch_size and was['precision'] == now.precision
+                and (was['start'], was['freeze']) == (now.start, now.freeze))
+        if not same:
+            raise UsageError(
+                f'the checkpoint beside {self.out} is from another run (--epochs '
+                f'{ckpt["epochs"]} --batch-size {ckpt["batch_size"]} --precision '
+                f'{was["precision"]} --model {was["model"]}'
+                f'{" --small-input" * was["small_input"]}{" --plain" * was["plain"]} '
+                f'--image-size {was["image_size"]} --recipe {was["recipe"]} --valid-split '
+                f'{was["valid_split"]["fraction"]} --seed {was["valid_split"]["seed"]}, starting '
+                f'from {was["start"]}{", frozen" * was["freeze"]}); resume it with the same '
+                f'arguments')
+
+    def _resume(self, ckpt):
+        """Load an interrupted run's checkpoint into the trainer: its history and next epoch."""
+        trainer = self.trainer
+        trainer.model.load_state_dict(ckpt['model'])
+        load_optimizer_state(trainer.optimizer, ckpt['optimizer'])
+        trainer.scheduler.load_state_dict(ckpt['scheduler'])
+        trainer.amp.load_state_dict(ckpt['scaler'])
+        set_rng_state(ckpt['rng'], trainer.device)
+        if ckpt['improved']:  # the epochs before replaced the weights in out: those are its best
+            was = ckpt['record']
+            self.best = Best(was['valid_acc'], was['best_epoch'], load_weights(self.out))
+            self.record.valid_acc, self.record.best_epoch = was['valid_acc'], was['best_epoch']
+        self.history, self.start = ckpt['history'], ckpt['epoch'] + 1
+        self.epoch = ckpt['epoch']
+        if ckpt['epoch'] >= self.args.epochs:
+            print(f'{self.ckpt}: that run already finished (epoch {self.args.epochs} of '
+                  f'{self.args.epochs})')
+        else:
+            print(f'resuming from epoch {ckpt["epoch"]} of {self.args.epochs}')
+
+
+def print_class_accuracy(classes, accuracy):
+    width = max(len(c) for c in classes)
+    for name, acc in zip(classes, accuracy):
+        print(f'  {name:<{width}}  {acc:6.2f}%')
 
 
 def load_weights(path):
@@ -174,7 +380,7 @@ def load_weights(path):
 
 
 CHECKPOINT_KEYS = ('model', 'optimizer', 'scheduler', 'scaler', 'rng', 'epoch', 'epochs',
-                   'batch_size', 'precision', 'setup', 'history', 'improved')
+                   'batch_size', 'record', 'history', 'improved')
 
 
 def load_checkpoint(path):
@@ -211,37 +417,6 @@ def load_optimizer_state(optimizer, state):
         group['foreach'] = optimizer.defaults['foreach']
 
 
-def check_same_run(ckpt, args, setup, precision):
-    """Stop unless the checkpoint is of the run these arguments describe."""
-    was_precision = ckpt['precision']
-    if ckpt['setup'] != setup or ckpt['epochs'] != args.epochs \
-            or ckpt['batch_size'] != args.batch_size or was_precision != precision:
-        was = ckpt['setup']
-        raise UsageError(f'the checkpoint beside {args.out} is from another run (--epochs '
-                         f'{ckpt["epochs"]} --batch-size {ckpt["batch_size"]} --precision '
-                         f'{was_precision} --model {was["model"]}'
-                         f'{" --small-input" if was["small_input"] else ""}'
-                         f'{" --plain" if was["plain"] else ""} --image-size '
-                         f'{was["image_size"]} --recipe {was["recipe"]} --valid-split '
-                         f'{was["valid_split"]["fraction"]} --seed {was["valid_split"]["seed"]}); '
-                         f'resume it with the same arguments')
-
-
-def resume(trainer, ckpt, args, files):
-    """Load an interrupted run's checkpoint into trainer; return its history and next epoch."""
-    trainer.model.load_state_dict(ckpt['model'])
-    load_optimizer_state(trainer.optimizer, ckpt['optimizer'])
-    trainer.scheduler.load_state_dict(ckpt['scheduler'])
-    trainer.scaler.load_state_dict(ckpt['scaler'])
-    set_rng_state(ckpt['rng'], trainer.device)
-    files.improved = ckpt['improved']  # whether the epochs before replaced the weights in out
-    if ckpt['epoch'] >= args.epochs:
-        print(f'{files.ckpt}: that run already finished (epoch {args.epochs} of {args.epochs})')
-    else:
-        print(f'resuming from epoch {ckpt["epoch"]} of {args.epochs}')
-    return ckpt['history'], ckpt['epoch'] + 1
-
-
 def rng_state(device):
     """The random number generators' states that training draws from (dropout, for one): the
     CPU's, and the GPU's or the Apple GPU's where it trains there."""
@@ -254,19 +429,8 @@ def rng_state(device):
 
 
 def set_rng_state(state, device):
-    if not isinstance(state, dict):  # a checkpoint of before, with the CPU's state alone
-        state = {'cpu': state}
     torch.set_rng_state(state['cpu'])
     if device.type == 'cuda' and 'cuda' in state:
         torch.cuda.set_rng_state(state['cuda'], device)
     elif device.type == 'mps' and 'mps' in state:
         torch.mps.set_rng_state(state['mps'])
-
-
-def checkpoint(trainer, epoch, args, files, history):
-    """What --resume needs to go on after `epoch` as if the run had never stopped."""
-    return {'model': trainer.model.state_dict(), 'optimizer': trainer.optimizer.state_dict(),
-            'scheduler': trainer.scheduler.state_dict(), 'scaler': trainer.scaler.state_dict(),
-            'rng': rng_state(trainer.device), 'epoch': epoch, 'epochs': args.epochs,
-            'batch_size': args.batch_size, 'precision': files.info['precision'],
-            'setup': files.setup, 'history': history, 'improved': files.improved}

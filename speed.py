@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import config
 from errors import UsageError
 
 
@@ -22,10 +23,9 @@ def choose_precision(name, device):
 
     auto: on CUDA, bf16 where the GPU computes it natively (compute capability 8.0 and later:
     A100, RTX 30xx, L4, H100), else fp16 with loss scaling (T4, V100); on a CPU with bf16
-    instructions (AVX512-BF16 or AMX), bf16, whose training of ResNet18 took 1.3 to 1.6 times
-    less time there than fp32's, to the same accuracy after 30 epochs (RESULTS.md); fp32
-    elsewhere (Apple's mps, other CPUs). A name given explicitly is used as it is, unless the
-    device cannot do it: then one sentence says so.
+    instructions (AVX512-BF16 or AMX), bf16, faster there than fp32 to the same accuracy
+    (RESULTS.md); fp32 elsewhere (Apple's mps, other CPUs). A name given explicitly is used as
+    it is, unless the device cannot do it: then one sentence says so.
     """
     if name == 'auto':
         if device.type == 'cuda':
@@ -48,6 +48,21 @@ def autocast(device, dtype, cache_enabled=True):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype, cache_enabled=cache_enabled)
+
+
+class MixedPrecision(torch.amp.GradScaler):
+    """The Trainer's mixed precision: autocast() computes in `dtype` (None: fp32, no autocast),
+    and as a GradScaler it scales fp16's loss so that small gradients do not underflow. For
+    bf16 and fp32 the scaler is off: scale(loss) is loss, step(optimizer) is optimizer.step()."""
+
+    def __init__(self, device, dtype=None):
+        device = torch.device(device)
+        super().__init__(device.type, enabled=dtype == torch.float16)
+        self.device, self.dtype = device, dtype
+        self.cache = True  # autocast's weight cache; off while a CUDA graph records
+
+    def autocast(self):
+        return autocast(self.device, self.dtype, self.cache)
 
 
 def precision_name(dtype):
@@ -96,7 +111,7 @@ def autocast_works(device, dtype):
 
 def memory_format(device):
     # channels_last (NHWC) picks the faster convolution kernels of cuDNN and of oneDNN on the
-    # CPU (ResNet18 step at 32 px, batch 512, on 2 CPU cores: 457-479 against 371-430 img/s).
+    # CPU (RESULTS.md, "How it is fast").
     return torch.channels_last if device.type in ('cuda', 'cpu') else torch.contiguous_format
 
 
@@ -129,6 +144,9 @@ class OnePixelConv2d(nn.Conv2d):
             x.shape[-2:], self.kernel_size, self.stride, self.padding))
 
 
+ONE_PIXEL_ROUTE = 'convs of 1x1 output as matrix products'  # for the run's header
+
+
 def route_one_pixel_convs(model):
     """Give every nn.Conv2d of model OnePixelConv2d's forward, in place, and return model.
 
@@ -142,10 +160,24 @@ def route_one_pixel_convs(model):
 
 
 def prepare_model(model, device):
-    """The model on device, in its fastest memory format; on the CPU, with the one-pixel route."""
+    """The model on device, in its fastest memory format; on the CPU, with the one-pixel route
+    (printing the model shows OnePixelConv2d where nn.Conv2d was)."""
     if device.type == 'cpu':
         route_one_pixel_convs(model)
     return model.to(device, memory_format=memory_format(device))
+
+
+def prepare_trainer(trainer, loader, args):
+    """What changes how the training step runs, said in words for the run's header: on the
+    CPU, the one-pixel route; on CUDA, cuDNN's timing of its kernels and the CUDA graphs."""
+    device, how = trainer.device, []
+    if device.type == 'cpu':
+        how.append(ONE_PIXEL_ROUTE)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True  # time cuDNN's algorithms once per shape
+    if use_cuda_graphs(args, device):
+        how.append(record_graphs(trainer, loader, args.graph_whole_step))
+    return ', '.join(how) or 'eager'
 
 
 def use_cuda_graphs(args, device):
@@ -186,17 +218,16 @@ def can_graph_whole_step(amp_dtype):
 
 
 class GraphedStep:
-    """CUDA only, the default there: the Trainer's whole train_step (forward, loss, backward,
-    SGD update) recorded as one CUDA graph and replayed for each batch; graph_model records the
-    model alone (--no-graph-whole-step). The graph reads the lr from a tensor set from the
-    optimizer's lr at each call. Recording first runs the step `warmup` times on the sample batch
-    (cuDNN picks kernels, SGD makes its momentum), then puts the weights, BatchNorm statistics
-    and momentum back, so replays train exactly as train_step would. A call's loss and outputs
-    live in the graph's memory until the next call; the loss is copied.
-    """
+    """CUDA only: the Trainer's train_step (forward, loss, backward, SGD update) recorded as one
+    CUDA graph, replayed for each batch; `trainer.train_step = GraphedStep(...)` puts it in the
+    step's place. Recording runs the step `warmup` times (cuDNN picks kernels, SGD makes its
+    momentum), then puts weights, BatchNorm statistics and momentum back: replays train as
+    train_step would. The graph reads the lr from tensors set at each call. A call's outputs
+    live in the graph's memory until the next call; the loss is copied."""
 
     def __init__(self, trainer, inputs, targets, warmup=3):
         self.trainer, self.warmup = trainer, warmup
+        self.eager_step = trainer.train_step  # the step it records
         trainer.model.train()  # BatchNorm as in training: the graph replays what it records
         self.inputs, self.targets = inputs.clone(), targets.clone()  # the fixed input buffers
         self.groups = trainer.optimizer.param_groups
@@ -207,12 +238,12 @@ class GraphedStep:
         self.loss = self.outputs = None
         state = self._state()
         saved = [t.detach().clone() for t in state]
-        trainer.autocast_cache = False
+        trainer.amp.cache = False
         try:
             with self._lr_from_tensors():
                 self._replay = self._record(self._step)
         finally:
-            trainer.autocast_cache = True
+            trainer.amp.cache = True
         with torch.no_grad():
             for t, s in zip(state, saved):
                 t.copy_(s)
@@ -229,7 +260,7 @@ class GraphedStep:
         return self.loss.detach().clone(), self.outputs.detach()
 
     def _step(self):
-        self.loss, self.outputs = self.trainer.train_step(self.inputs, self.targets)
+        self.loss, self.outputs = self.eager_step(self.inputs, self.targets)
 
     def _state(self):
         """What a step changes besides the gradients: the weights, the model's buffers, then
@@ -268,16 +299,17 @@ class GraphedStep:
         return graph.replay
 
 
-def record_graphs(trainer, loader, whole_step):
+def record_graphs(trainer, loader, whole_step=None):
     """CUDA only: record the training step on the first train batch, as one graph of the whole
-    step (GraphedStep) or as the model's graphs (graph_model); return how the step now runs,
-    for the run's header line."""
+    step (GraphedStep; whole_step None: config.GRAPH_WHOLE_STEP) or as the model's graphs
+    (graph_model); return how the step now runs, for the run's header line."""
+    whole_step = config.GRAPH_WHOLE_STEP if whole_step is None else whole_step
     inputs, targets = next(iter(loader))
-    if whole_step and can_graph_whole_step(trainer.amp_dtype):
-        trainer.graphed_step = GraphedStep(trainer, inputs, targets)
+    if whole_step and can_graph_whole_step(trainer.amp.dtype):
+        trainer.train_step = GraphedStep(trainer, inputs, targets)
         return 'the whole step as a CUDA graph'
     if whole_step:
         print('the whole step is not graphed in fp16 (its loss scaling is not recorded): '
               'recording the model\'s forward and backward instead')
-    graph_model(trainer.model, inputs, trainer.amp_dtype)
+    graph_model(trainer.model, inputs, trainer.amp.dtype)
     return 'the model as CUDA graphs'

@@ -14,6 +14,9 @@ import data
 from errors import UsageError
 from test_helpers import make_colour_folder
 
+# The loader arguments the tests below share.
+LOADER = dict(batch_size=4, mean=[0.5] * 3, std=[0.2] * 3, image_size=8, device=torch.device('cpu'))
+
 
 class DataPathTest(unittest.TestCase):
     """The tensor data path that replaces the article's per-image PIL transforms."""
@@ -261,13 +264,12 @@ class StreamTest(unittest.TestCase):
         (images, labels, *_), (files, labels2, *_) = self.both()
         self.assertTrue(torch.equal(labels, labels2))
         self.assertEqual(files.shape, tuple(images.shape))
-        cpu = torch.device('cpu')
         for augment in (False, True):
             for workers in (1, 2):  # in this process, and in 2 worker processes
-                a = data.make_loader(images, labels, 4, [0.5] * 3, [0.2] * 3, 8, True, cpu,
-                                     augment=augment, seed=3)
-                b = data.make_loader(files, labels, 4, [0.5] * 3, [0.2] * 3, 8, True, cpu,
-                                     workers=workers, augment=augment, seed=3)
+                a = data.make_loader(images, labels, train=True, augment=augment, seed=3,
+                                     **LOADER)
+                b = data.make_loader(files, labels, train=True, workers=workers,
+                                     augment=augment, seed=3, **LOADER)
                 self.assertIsInstance(b, data.StreamLoader)
                 for epoch in (1, 2):
                     a.set_epoch(epoch)
@@ -277,8 +279,8 @@ class StreamTest(unittest.TestCase):
                     for (xa, ya), (xb, yb) in batches:
                         self.assertTrue(torch.equal(xa, xb) and torch.equal(ya, yb))
         # Evaluation: every image once, in order.
-        a = data.make_loader(images, labels, 4, [0.5] * 3, [0.2] * 3, 8, False, cpu)
-        b = data.make_loader(files, labels, 4, [0.5] * 3, [0.2] * 3, 8, False, cpu)
+        a = data.make_loader(images, labels, train=False, **LOADER)
+        b = data.make_loader(files, labels, train=False, **LOADER)
         for (xa, ya), (xb, yb) in zip(a, b):
             self.assertTrue(torch.equal(xa, xb) and torch.equal(ya, yb))
         self.assertEqual(data.channel_stats(files), data.channel_stats(images))
@@ -307,8 +309,8 @@ class StreamTest(unittest.TestCase):
         broken = Path(self.tmp.name, 'broken.png')
         broken.write_bytes(b'not a png')
         files.files[5] = str(broken)
-        loader = data.make_loader(files, torch.zeros(len(files.files), dtype=torch.long), 4,
-                                  [0.5] * 3, [0.2] * 3, 8, False, torch.device('cpu'), workers=2)
+        loader = data.make_loader(files, torch.zeros(len(files.files), dtype=torch.long),
+                                  train=False, workers=2, **LOADER)
         with self.assertRaises(UsageError) as caught:
             list(loader)
         self.assertEqual(str(caught.exception).count('\n'), 0)

@@ -137,14 +137,8 @@ class ConfusionTest(unittest.TestCase):
         logits = torch.tensor([[5.0, 0.0], [0.0, 1.0], [0.0, 3.0], [2.0, 0.0], [0.0, 9.0]])
         labels = torch.tensor([0, 0, 0, 1, 1])  # wrong: 1 (0.73), 2 (0.95) and 3 (0.88)
 
-        class Stub:
-            model = nn.Identity()
-
-            def _autocast(self):
-                return torch.autocast('cpu', enabled=False)
-
-        loader = [(logits[:3], labels[:3]), (logits[3:], labels[3:])]
-        idx, predicted, confidence = pictures.most_confident_mistakes(Stub(), loader)
+        idx, predicted, confidence = pictures.most_confident_mistakes(logits.softmax(dim=1),
+                                                                      labels)
         self.assertEqual(idx.tolist(), [2, 3, 1])
         self.assertEqual(predicted.tolist(), [1, 0, 1])
         torch.testing.assert_close(confidence, logits[[2, 3, 1]].softmax(dim=1).amax(dim=1))

@@ -83,8 +83,8 @@ class PredictTest(unittest.TestCase):
         _, _, test_files, test_y, _ = data.list_image_folder(self.data)
         self.assertEqual(files, test_files)
         evaluation = data.make_loader(data.decode_images(test_files, 12, workers=1),
-                                      torch.tensor(test_y), 64, meta['mean'], meta['std'], 16,
-                                      False, cpu)
+                                      torch.tensor(test_y), batch_size=64, mean=meta.mean,
+                                      std=meta.std, image_size=16, train=False, device=cpu)
         self.assertTrue(torch.equal(torch.cat(seen), next(iter(evaluation))[0]))
 
     def test_images_that_do_not_fit_are_streamed(self):

@@ -111,11 +111,11 @@ class SpeedTest(unittest.TestCase):
                 for inputs, targets in batches[:start]:
                     t.train_step(inputs, targets)
                     t.scheduler.step()
-            graphed.graphed_step = EagerGraphedStep(graphed, *batches[start], warmup=2)
+            graphed.train_step = EagerGraphedStep(graphed, *batches[start], warmup=2)
             for inputs, targets in batches[start:]:
                 loss, outputs = plain.train_step(inputs, targets)
                 plain.scheduler.step()
-                g_loss, g_outputs = graphed.graphed_step(inputs, targets)
+                g_loss, g_outputs = graphed.train_step(inputs, targets)
                 graphed.scheduler.step()
                 self.assertEqual(g_loss.item(), loss.item())
                 self.assertTrue(torch.equal(g_outputs, outputs))
@@ -140,7 +140,7 @@ class SpeedTest(unittest.TestCase):
         model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         trainer = train.Trainer(model, optimizer, nn.CrossEntropyLoss())
-        self.assertIsNone(trainer.amp_dtype)
+        self.assertIsNone(trainer.amp.dtype)
         images = torch.randint(0, 256, (8, 3, 4, 4), dtype=torch.uint8)
         loader = data.TensorLoader(images, torch.arange(8) % 3, 4, [0.5] * 3, [0.25] * 3, 4,
                                    train=False)
