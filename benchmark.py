@@ -260,7 +260,7 @@ def main(argv=None):
     print(f'device: {name}; torch {torch.__version__}; {torch.get_num_threads()} CPU threads; '
           f'{steps} steps a repeat, median of {repeats}', flush=True)
     results, failed = run_rows(configs(device, args.quick), device, steps, repeats, args)
-    rates = data_path_rates(device, 256 if args.quick else 4096)
+    rates = data_path_rates(device, 64, 32) if args.quick else data_path_rates(device, 4096)
     print(f'data path alone: the article\'s PIL Resize(224) + ToTensor '
           f'{rates["pil_224_img_s"]:,.0f} img/s (one process); TensorLoader '
           f'{rates["tensor_224_img_s"]:,.0f} img/s at 224 px, {rates["tensor_32_img_s"]:,.0f} '

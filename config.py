@@ -49,6 +49,12 @@ EVAL_BATCH_SIZE = 1024        # images per step when evaluating (at most twice -
 ARTICLE_LR = 0.001            # the article's lr, with momentum 0.9 and no schedule
 ARTICLE_WEIGHT_DECAY = 1e-4   # the article's L2 penalty
 
+# Starting from trained weights (--pretrained, --init; transfer.py)
+PRETRAINED_IMAGE_SIZE = 224   # px fed with --pretrained: what torchvision's weights learned at
+IMAGENET_MEAN = [0.485, 0.456, 0.406]  # the mean and std torchvision's weights were trained with
+IMAGENET_STD = [0.229, 0.224, 0.225]
+PRETRAINED_LR_FACTOR = 0.1    # lr of the layers that came with the weights, times the peak lr
+
 # Run
 DEVICE = 'auto'               # auto picks cuda, then mps, then cpu
 PRECISION = 'auto'            # auto | bf16 | fp16 | fp32; auto: bf16 where the chip has it

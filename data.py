@@ -12,6 +12,7 @@ import math
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -300,6 +301,28 @@ def subset(images, idx):
     if isinstance(images, ImageFiles):
         return ImageFiles([images.files[i] for i in idx.tolist()], images.size)
     return images[idx]
+
+
+class Split(NamedTuple):
+    images: object  # (N, 3, H, W) uint8 tensor, or ImageFiles to stream
+    labels: torch.Tensor
+
+
+class Data(NamedTuple):
+    """The images a run trains, validates and tests on, their classes, and the mean and std
+    (per colour channel, 0-1 scale) that normalise them."""
+    train: Split
+    valid: Split
+    test: Split
+    classes: list
+    mean: list
+    std: list
+
+
+class Loaders(NamedTuple):
+    train: object
+    valid: Optional[object]  # None with --valid-split 0
+    test: object
 
 
 def make_loader(images, labels, *, batch_size, mean, std, image_size, train, device,

@@ -93,15 +93,15 @@ def pick_device(name):
 def batch_size_and_lr(args, n_train):
     """--batch-size and --lr, or where left out, the model's row of config.TRAIN_DEFAULTS (the
     article's lr for a recipe without the lr fix). A folder too small for a dozen batches of the
-    row's size gets a batch that gives it one, down to 16, with the lr scaled alike; the
-    returned note says so (None otherwise)."""
+    row's size gets a batch that gives it one, down to 16, with the lr scaled alike (but for
+    --freeze: the fc alone takes the row's lr, RESULTS.md); the note says so (else None)."""
     row_batch, row_lr = config.TRAIN_DEFAULTS[args.model + ' --small-input' * args.small_input]
     if 'lr' not in fixes_of(args.recipe):
         row_lr = config.ARTICLE_LR
     batch_size, lr, note = args.batch_size or row_batch, args.lr or row_lr, None
     if args.batch_size is None and n_train < 12 * batch_size:
         batch_size = max(16, 2 ** int(math.log2(max(1, n_train // 12))))
-        if args.lr is None:
+        if args.lr is None and not args.freeze:
             lr = row_lr * batch_size / row_batch
         note = (f'{n_train} training images: batches of {batch_size}, not {row_batch}, so '
                 f'that an epoch takes {n_train // batch_size} steps, at lr {lr:g}')
@@ -154,8 +154,21 @@ def build_parser():
                         'article\'s: SGD lr 0.001, no schedule, no normalisation, no '
                         'augmentation), or article plus some of the fixes, as in '
                         f'article+norm+augment (fixes: {", ".join(FIXES)}; default: %(default)s)')
-    p.add_argument('--image-size', type=positive(int), default=config.IMAGE_SIZE, metavar='PX',
-                   help='side of the square images fed to the model (default: %(default)s)')
+    p.add_argument('--image-size', type=positive(int), default=None, metavar='PX',
+                   help=f'side of the square images fed to the model (default: '
+                        f'{config.IMAGE_SIZE}; {config.PRETRAINED_IMAGE_SIZE} with --pretrained)')
+    p.add_argument('--pretrained', nargs='?', const='imagenet', metavar='PATH',
+                   help='start from torchvision\'s ImageNet weights (resnet18, resnet34, '
+                        'resnet50; downloaded once and cached under TORCH_HOME), or from such '
+                        'a file at PATH; the images are fed at 224 px with ImageNet\'s mean '
+                        'and std, and the fc is new')
+    p.add_argument('--init', metavar='PATH',
+                   help='start from a weight.pth of the same --model (the fc is new when its '
+                        'classes differ)')
+    p.add_argument('--freeze', action='store_true',
+                   help='with --pretrained or --init: train the new fc alone, on the features '
+                        'of the frozen network (without it, every layer trains, those that '
+                        f'came with the weights at {config.PRETRAINED_LR_FACTOR} x the lr)')
     add_model_and_run_arguments(p)
     return p
 
@@ -202,14 +215,20 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
+def default_image_size(args):
+    return config.PRETRAINED_IMAGE_SIZE if args.pretrained else config.IMAGE_SIZE
+
+
 def check_args(args):
+    check_start(args)
     if args.model == 'alexnet':
         if args.small_input or args.plain:
             flag = '--small-input changes the ResNet stem' if args.small_input else \
                 '--plain removes the ResNet\'s shortcuts'
             raise UsageError(f'{flag}; AlexNet has none to change')
-        if args.image_size < AlexNet.MIN_INPUT_SIZE:
-            raise UsageError(f'--image-size {args.image_size} is too small for AlexNet, which '
+        if (args.image_size or config.IMAGE_SIZE) < AlexNet.MIN_INPUT_SIZE:
+            raise UsageError(f'--image-size {args.image_size or config.IMAGE_SIZE} is too small '
+                             f'for AlexNet, which '
                              f'needs at least {AlexNet.MIN_INPUT_SIZE} px; '
                              f'try --image-size {AlexNet.MIN_INPUT_SIZE} or more')
     if args.model in resnet.CIFAR_RESNETS and args.small_input:
@@ -220,3 +239,31 @@ def check_args(args):
     if args.graph_whole_step and not args.cuda_graphs:
         raise UsageError('--graph-whole-step records a CUDA graph and --no-cuda-graphs turns '
                          'them off; pick one')
+
+
+def check_start(args):
+    """--pretrained, --init and --freeze: one sentence for a combination that cannot be."""
+    if args.pretrained and args.init:
+        raise UsageError('--pretrained starts from ImageNet\'s weights and --init from a file '
+                         'of yours; pick one')
+    if args.freeze and not (args.pretrained or args.init):
+        raise UsageError('--freeze keeps the weights a run starts from, and random weights are '
+                         'not worth keeping; pass --pretrained or --init too')
+    if not args.pretrained:
+        return
+    if args.model not in resnet.IMAGENET_RESNETS:
+        raise UsageError(f'torchvision has ImageNet weights for '
+                         f'{", ".join(resnet.IMAGENET_RESNETS)}, not for {args.model}')
+    if args.small_input or args.plain:
+        raise UsageError(f'{"--small-input" if args.small_input else "--plain"} changes the '
+                         f'network that the ImageNet weights were trained as; leave it out')
+
+
+def describe(args):
+    """'resnet18', 'resnet18 (small input)', 'resnet18 (ImageNet's weights, frozen but the
+    fc)': the network and where it started, for the log."""
+    kinds = [k for k, on in (('small input', args.small_input), ('plain', args.plain),
+                             ('ImageNet\'s weights', args.pretrained),
+                             (f'weights of {args.init}', args.init),
+                             ('frozen but the fc', args.freeze)) if on]
+    return args.model + (f' ({", ".join(kinds)})' if kinds else '')

@@ -18,6 +18,7 @@ from typing import NamedTuple, Optional
 import torch
 
 import options
+import speed
 from errors import UsageError
 
 
@@ -116,6 +117,17 @@ class WeightRecord:
     best_epoch: int = 0
     test_acc: Optional[float] = None  # measured once, after the run chose these weights
 
+    @classmethod
+    def of_run(cls, args, classes, mean, std, held_size, precision, start):
+        """The record of a training run's weights, before any epoch."""
+        return cls(model=args.model, classes=list(classes), image_size=args.image_size,
+                   mean=mean, std=std, small_input=args.small_input, plain=args.plain,
+                   data=str(Path(args.data).resolve()) if args.data else 'cifar10',
+                   recipe=args.recipe, valid_split={'fraction': args.valid_split,
+                                                    'seed': args.seed},
+                   held_size=held_size, start=start, freeze=args.freeze, epochs=args.epochs,
+                   precision=speed.precision_name(precision))
+
     def setup(self):
         return {k: getattr(self, k) for k in SETUP}
 
@@ -168,7 +180,8 @@ def out_of_memory_advice(args, device='cpu'):
         return (f'the {device} ran out of memory evaluating batches of '
                 f'{options.eval_batch_size(args.batch_size)} images; pass a smaller --batch-size')
     return (f'the {device} ran out of memory for batches of {args.batch_size or "the default"} '
-            f'images at {args.image_size} px; pass a smaller --batch-size or --image-size')
+            f'images at {args.image_size or options.default_image_size(args)} px; pass a smaller '
+            f'--batch-size or --image-size')
 
 
 class Run:
@@ -297,16 +310,18 @@ class Run:
         best, record = self.best, self.record
         chosen = (f'epoch {best.epoch}, chosen by its valid accuracy {best.valid_acc:.2f}%'
                   if best.valid_acc is not None else f'epoch {best.epoch}, the last: no validation')
+        if best.params is not None:
+            print(f'per-class test accuracy ({chosen}):')
+            print_class_accuracy(record.classes, class_accuracy)
         # The rest of the wall time is start-up (imports, CUDA, the model and optimizer) and exit.
         print('seconds: ' + ', '.join(f'{name} {self.timings[name]:.1f}' for name in TIMINGS
                                       if name in self.timings))
         if best.params is None:
-            print(f'done: no epoch beat the weights already in {self.out} ({chosen}, test '
-                  f'accuracy {record.test_acc:.2f}% measured then), which are kept; the test '
-                  f'images were not looked at')
+            tested = ('not measured' if record.test_acc is None else
+                      f'test accuracy {record.test_acc:.2f}% measured then')
+            print(f'done: no epoch beat the weights already in {self.out} ({chosen}, {tested}), '
+                  f'which are kept; the test images were not looked at')
             return
-        print(f'per-class test accuracy ({chosen}):')
-        print_class_accuracy(record.classes, class_accuracy)
         print(f'done: test accuracy {record.test_acc:.2f}% on the {n_test:,} test images, '
               f'measured once ({chosen}); saved to {self.out}')
 

@@ -5,6 +5,7 @@ precision and memory-format choice, a CPU route for convolutions with a one-pixe
 the CUDA graphs that replay a whole training step at once.
 """
 import contextlib
+import time
 import warnings
 
 import torch
@@ -144,7 +145,7 @@ class OnePixelConv2d(nn.Conv2d):
             x.shape[-2:], self.kernel_size, self.stride, self.padding))
 
 
-ONE_PIXEL_ROUTE = 'convs of 1x1 output as matrix products'  # for the run's header
+ONE_PIXEL_ROUTE = '1x1-output convs as matrix products'  # for the run's header
 
 
 def route_one_pixel_convs(model):
@@ -167,16 +168,18 @@ def prepare_model(model, device):
     return model.to(device, memory_format=memory_format(device))
 
 
-def prepare_trainer(trainer, loader, args):
+def prepare_trainer(trainer, loader, args, timings):
     """What changes how the training step runs, said in words for the run's header: on the
-    CPU, the one-pixel route; on CUDA, cuDNN's timing of its kernels and the CUDA graphs."""
-    device, how = trainer.device, []
+    CPU, the one-pixel route; on CUDA, cuDNN's timing of its kernels and the CUDA graphs (the
+    seconds they take to record go in timings)."""
+    device, how, t0 = trainer.device, [], time.perf_counter()
     if device.type == 'cpu':
         how.append(ONE_PIXEL_ROUTE)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True  # time cuDNN's algorithms once per shape
     if use_cuda_graphs(args, device):
         how.append(record_graphs(trainer, loader, args.graph_whole_step))
+        timings['recording CUDA graphs'] = time.perf_counter() - t0
     return ', '.join(how) or 'eager'
 
 

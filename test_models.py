@@ -20,7 +20,7 @@ from test_helpers import HERE, run_script
 
 # The other test files; `python -m unittest test_models` runs them too.
 TEST_FILES = ('test_data', 'test_speed', 'test_train', 'test_predict', 'test_benchmark',
-              'test_degradation', 'test_gradcam', 'test_docs')
+              'test_degradation', 'test_gradcam', 'test_transfer', 'test_saving', 'test_docs')
 
 
 def load_tests(loader, tests, pattern):

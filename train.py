@@ -1,11 +1,10 @@
-"""Train ResNet18 on CIFAR-10 (or on your own image folder) with the article's Trainer.
+"""Train ResNet18 on CIFAR-10 (or your own image folder): the article's "ResNetを用いた画像認識".
 
-Mirrors the article's "ResNetを用いた画像認識" in its order: the Trainer with epoch_train and
-epoch_valid, the builders of the model, optimizer, loss and schedule, then the article's
-__main__: data, model, optimizer, loaders and the epochs, keeping the weights best on the
-validation images in weight.pth and measuring them once on the test set. Its bugs are fixed,
-each marked `# Article:`. What is not the article's idea is one named call into another module:
-data.py (the data path), speed.py (speed only), saving.py (files, resuming, stopping cleanly).
+In the article's order: the Trainer, the builders, then its __main__ (data, model, optimizer,
+loaders, epochs), keeping the weights best on the validation images in weight.pth. Its bugs are
+fixed, each marked `# Article:`. What is not the article's idea is one named call you may skip:
+data.py (the data path), speed.py (speed only), saving.py (files, resume, stopping cleanly),
+transfer.py (starting from trained weights), options.py (the command line).
 
     python train.py                          # ResNet18, CIFAR-10, 30 epochs
     python train.py --data DIR --epochs 5    # DIR/train/<class>/*, DIR/test/<class>/*
@@ -16,7 +15,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -26,9 +24,10 @@ import options
 import resnet
 import saving
 import speed
+import transfer
 from alexnet import AlexNet
-from data import channel_stats, load_cifar10, load_image_folder, make_loader, split_valid, \
-    subset
+from data import Data, Loaders, Split, channel_stats, load_cifar10, load_image_folder, \
+    make_loader, split_valid, subset
 from errors import UsageError
 
 
@@ -134,11 +133,14 @@ def build_model(name, num_classes, small_input=False, plain=False):
     return resnet.IMAGENET_RESNETS[name](num_classes, small_input=small_input, plain=plain)
 
 
-def build_optimizer(model, lr, device, fixes=options.FIXES):
+def build_optimizer(model, lr, device, fixes=options.FIXES, new=None):
     """SGD with Nesterov momentum and weight decay (config.py); the article's recipe has plain
-    momentum and a smaller decay. On CUDA, fused: one kernel updates every parameter."""
+    momentum and a smaller decay. On CUDA, fused: one kernel updates every parameter. With
+    `new`, the names of the parameters that did not come with trained weights: the others
+    train at a smaller lr, or not at all when frozen (transfer.parameter_groups)."""
     decay = config.WEIGHT_DECAY if 'decay' in fixes else config.ARTICLE_WEIGHT_DECAY
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=config.MOMENTUM,
+    params = model.parameters() if new is None else transfer.parameter_groups(model, new, lr)
+    return torch.optim.SGD(params, lr=lr, momentum=config.MOMENTUM,
                            nesterov='nesterov' in fixes, weight_decay=decay,
                            fused=True if device.type == 'cuda' else None)  # None: the default
 
@@ -173,20 +175,6 @@ def constant(step):
 # ----------------------------------------------------------------------------------------------
 # The article's __main__: data, model, optimizer, loaders, the epochs.
 
-class Split(NamedTuple):
-    images: object  # (N, 3, H, W) uint8 tensor, or data.ImageFiles to stream
-    labels: torch.Tensor
-
-
-class Data(NamedTuple):
-    train: Split
-    valid: Split
-    test: Split
-    classes: list
-    mean: list
-    std: list
-
-
 def load_data(args, device):
     """CIFAR-10, or the image folder --data; the validation images held out of the training
     images; the mean and std of the training images."""
@@ -201,31 +189,16 @@ def load_data(args, device):
     train = Split(subset(train_x, train_idx), train_y[train_idx])
     valid = Split(subset(train_x, valid_idx), train_y[valid_idx])
     # Article: raw [0, 1] pixels, and no augmentation. The fixes normalise with the training
-    # images' statistics, and crop and flip each training image anew each epoch (the loader).
-    mean, std = (channel_stats(train.images, workers=args.workers or os.cpu_count() or 1)
-                 if 'norm' in options.fixes_of(args.recipe) else ([0.0] * 3, [1.0] * 3))
+    # images' statistics (ImageNet's for its weights), and crop and flip each training image
+    # anew each epoch (the loader).
+    mean, std = (([0.0] * 3, [1.0] * 3) if 'norm' not in options.fixes_of(args.recipe) else
+                 (config.IMAGENET_MEAN, config.IMAGENET_STD) if args.pretrained else
+                 channel_stats(train.images, workers=args.workers or os.cpu_count() or 1))
     print(f'{len(train.labels):,} train, {len(valid.labels):,} valid and {len(test_y):,} test '
           f'images, {len(classes)} classes, held at {train.images.shape[-1]} px, fed at '
           f'{args.image_size} px; mean {[round(m, 4) for m in mean]}, std '
           f'{[round(s, 4) for s in std]} ({time.perf_counter() - t0:.1f} s)')
     return Data(train, valid, Split(test_x, test_y), classes, mean, std)
-
-
-def weight_record(args, data, precision):
-    """What weight.json will say about the weights (saving.WeightRecord)."""
-    return saving.WeightRecord(
-        model=args.model, classes=list(data.classes), image_size=args.image_size,
-        mean=data.mean, std=data.std, small_input=args.small_input, plain=args.plain,
-        data=str(Path(args.data).resolve()) if args.data else 'cifar10', recipe=args.recipe,
-        valid_split={'fraction': args.valid_split, 'seed': args.seed},
-        held_size=data.train.images.shape[-1], epochs=args.epochs,
-        precision=speed.precision_name(precision))
-
-
-class Loaders(NamedTuple):
-    train: object
-    valid: Optional[object]  # None with --valid-split 0
-    test: object
 
 
 def build_loaders(data, args, device):
@@ -247,6 +220,7 @@ def train(args, device):
     checkpoint = saving.load_checkpoint(Path(args.out).with_suffix('.ckpt')) \
         if args.resume else None  # read first, so that a bad one fails fast
     precision = speed.choose_precision(args.precision, device)
+    args.image_size = args.image_size or options.default_image_size(args)  # 224: --pretrained
     t0 = time.perf_counter()
     data = load_data(args, device)
     timings = {'loading data': time.perf_counter() - t0}
@@ -256,30 +230,36 @@ def train(args, device):
     fixes = options.fixes_of(args.recipe)
 
     torch.manual_seed(args.seed)
-    model = speed.prepare_model(build_model(args.model, len(data.classes), args.small_input,
-                                            args.plain), device)
+    model = build_model(args.model, len(data.classes), args.small_input, args.plain)
+    start, new = transfer.load_start(model, args, data.classes)  # random, ImageNet's or --init
+    if args.freeze:
+        transfer.freeze(model)  # the fc alone trains
+    model = speed.prepare_model(model, device)
     # Article: plain SGD at lr 0.001 with no schedule (README, "What the recipe buys").
-    optimizer = build_optimizer(model, args.lr, device, fixes)
+    optimizer = build_optimizer(model, args.lr, device, fixes, new)
     loaders = build_loaders(data, args, device)
     scheduler = build_schedule(optimizer, args.epochs * len(loaders.train), fixes)
     trainer = Trainer(model, optimizer, build_criterion(fixes), device, scheduler, precision)
-    run = saving.Run(trainer, weight_record(args, data, precision), args, checkpoint, timings)
+    record = saving.WeightRecord.of_run(args, data.classes, data.mean, data.std,
+                                        data.train.images.shape[-1], precision, start)
+    run = saving.Run(trainer, record, args, checkpoint, timings)
     if run.start > args.epochs:
         return 0
-    t0 = time.perf_counter()
-    how = speed.prepare_trainer(trainer, loaders.train, args)  # the step, as it will run
-    if speed.use_cuda_graphs(args, device):
-        run.timings['recording CUDA graphs'] = time.perf_counter() - t0
-    recipe = f', the recipe {args.recipe}' if args.recipe != 'fixed' else ''
-    print(f'{describe(args)}, {device.type}, {run.record.precision}, {how}{recipe}, '
-          f'{plural(args.epochs, "epoch", "epochs")} of '
-          f'{plural(len(loaders.train), "batch", "batches")} of {args.batch_size}, '
-          f'peak lr {args.lr}')
+    how = speed.prepare_trainer(trainer, loaders.train, args, run.timings)  # CUDA graphs, ...
+    print_header(args, device, run.record.precision, how, len(loaders.train))
     with run:
         fit(trainer, loaders, args, run)
         test_once(trainer, loaders.test, run)
         run.report(trainer.class_accuracy, len(loaders.test.labels))
     return run.exit_code
+
+
+def print_header(args, device, precision, how, batches):
+    """The network, where and how it trains, and for how long."""
+    recipe = f', the recipe {args.recipe}' if args.recipe != 'fixed' else ''
+    print(f'{options.describe(args)}, {device.type}, {precision}, {how}{recipe}, '
+          f'{args.epochs} epoch{"s" * (args.epochs > 1)} of {batches} batch{"es" * (batches > 1)} '
+          f'of {args.batch_size}, peak lr {args.lr}')
 
 
 def fit(trainer, loaders, args, run):
@@ -328,17 +308,6 @@ def test_once(trainer, test_loader, run):
     trainer.model.load_state_dict(run.best.params)
     _, test_acc = trainer.epoch_valid(test_loader)
     run.record_test(test_acc, time.perf_counter() - t0)
-
-
-def describe(args):
-    """'resnet18', 'resnet18 (small input)', 'resnet56 (plain)': the network, for the log."""
-    kinds = [k for k, on in (('small input', args.small_input), ('plain', args.plain)) if on]
-    return args.model + (f' ({", ".join(kinds)})' if kinds else '')
-
-
-def plural(n, one, many):
-    """'1 epoch' or '30 epochs'."""
-    return f'{n} {one if n == 1 else many}'
 
 
 def main(argv=None):
