@@ -1,6 +1,8 @@
 """Tests for data.py: decoding, channel statistics, the batched tensor data path that
 replaces the article's per-image PIL transforms, and the streaming path for folders too big for
 memory."""
+import contextlib
+import io
 import tempfile
 import unittest
 from pathlib import Path
@@ -253,8 +255,9 @@ class StreamTest(unittest.TestCase):
 
     def both(self, workers=1):
         """The folder's train split in memory and as files to stream."""
-        loaded = data.load_image_folder(self.root, 8, workers=1)
-        streamed = data.load_image_folder(self.root, 8, workers=1, stream=True)
+        with contextlib.redirect_stdout(io.StringIO()):  # 'decoding ...', 'streaming ...'
+            loaded = data.load_image_folder(self.root, 8, workers=1)
+            streamed = data.load_image_folder(self.root, 8, workers=1, stream=True)
         self.assertIsInstance(streamed[0], data.ImageFiles)
         return loaded, streamed
 
