@@ -28,7 +28,7 @@ LR = 0.2                      # peak learning rate (SGD); the article used 0.001
 # (options.batch_size_and_lr); the recipes without the lr fix take ARTICLE_LR.
 TRAIN_DEFAULTS = {
     'resnet18': (BATCH_SIZE, LR),
-    'resnet18 --small-input': (256, LR),    # 4x the work a step: RESULTS.md
+    'resnet18 --small-input': (256, LR),    # RESULTS.md says why
     'resnet34': (512, LR),
     'resnet34 --small-input': (256, LR),
     'resnet50': (128, LR),                  # at 512 its first epochs overshoot

@@ -166,10 +166,9 @@ def train_net(depth, plain, loaders, classes, args, device, amp_dtype):
         record['test_error'].append(round(100 - valid_acc, 2))
         record['seconds'] += time.perf_counter() - t0
         print(f'{record["net"]:>10}  ', end='')
-        train.print_epoch({'epoch': epoch, 'train_loss': train_loss, 'train_acc': train_acc,
-                           'valid_loss': valid_loss, 'valid_acc': valid_acc,
-                           'lr': optimizer.param_groups[0]['lr'], 'seconds': train_time,
-                           'img_per_s': round(len(train_loader) * args.batch_size / train_time)},
+        train.print_epoch(saving.epoch_row(epoch, train_loss, train_acc, valid_loss, valid_acc,
+                                           optimizer.param_groups[0]['lr'], train_time,
+                                           len(train_loader) * args.batch_size / train_time),
                           args.epochs)
     vars(trainer).pop('train_step', None)  # the eager step again, if a CUDA graph replaced it
     record['gradients_after'] = gradient_norms(model, *probe, trainer.criterion)

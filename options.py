@@ -104,7 +104,7 @@ def batch_size_and_lr(args, n_train):
         if args.lr is None and not args.freeze:
             lr = row_lr * batch_size / row_batch
         note = (f'{n_train} training images: batches of {batch_size}, not {row_batch}, so '
-                f'that an epoch takes {n_train // batch_size} steps, at lr {lr:g}')
+                f'that an epoch takes {max(1, n_train // batch_size)} steps, at lr {lr:g}')
     return batch_size, lr, note
 
 

@@ -52,7 +52,8 @@ def cam_picture(photo, heat, top, title):
     heat = F.interpolate(heat[None, None].float(), size=photo.shape[-2:], mode='bilinear',
                          align_corners=False)[0, 0]
     overlay = 0.5 * photo.float().cpu() + 0.5 * heat_colours(heat)
-    lines = [title] + [f'{name}  {p:.1%}' for name, p in top]
+    lines = [title, f'map for: {top[0][0]}, the likeliest'] + [f'{name}  {p:.1%}'
+                                                               for name, p in top]
     if heat.max() <= 0:  # Grad-CAM's ReLU left nothing: no place raised the class's score
         lines.append('(no place raised its score here)')
     pic = Image.new('RGB', (2 * TILE + 30, TILE + 20 + 18 * len(lines)), 'white')

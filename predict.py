@@ -67,7 +67,7 @@ def batches(files, record, device, workers=0, stream=None):
     """A loader of the files' images as evaluation feeds them: decoded at once or, when they
     would not fit in memory (or stream=True), batch by batch as train.py streams its test
     images."""
-    held = record.held_size or record.image_size
+    held = record.held_size
     if stream is None:
         stream = memory_shortfall(len(files), held, device) is not None
     workers = workers or os.cpu_count() or 1

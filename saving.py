@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -19,7 +20,7 @@ import torch
 
 import options
 import speed
-from errors import UsageError
+from errors import UsageError, out_of_memory
 
 
 def atomic_write(path, write):
@@ -90,7 +91,7 @@ def save_plot(history, path):
 # a weight file must say for an image to be prepared for it.
 SETUP = ('model', 'small_input', 'plain', 'image_size', 'data', 'classes', 'recipe',
          'valid_split')
-NEEDED = ('model', 'classes', 'image_size', 'mean', 'std')
+NEEDED = ('model', 'classes', 'image_size', 'held_size', 'mean', 'std')
 
 
 @dataclass
@@ -108,9 +109,10 @@ class WeightRecord:
     data: str = 'cifar10'
     recipe: str = 'fixed'
     valid_split: Optional[dict] = None  # {'fraction', 'seed'}
-    held_size: Optional[int] = None  # the side images are decoded at, before any resize
+    held_size: Optional[int] = None  # the side images are held at (decoded), before any resize
     start: str = 'random'  # 'random', 'imagenet <weights>' or 'init <path>'
     freeze: bool = False  # only the fc trained
+    run: Optional[str] = None  # which run wrote the weights: --resume knows its own by it
     epochs: Optional[int] = None
     precision: Optional[str] = None
     valid_acc: Optional[float] = None  # None: no validation (the last epoch was kept)
@@ -164,11 +166,12 @@ class Diverged(Exception):
         self.advice = advice
 
 
-def out_of_memory(e):
-    """Whether e is torch running out of memory: on a GPU (torch.cuda.OutOfMemoryError), on
-    Apple's mps or in the CPU's allocator (a RuntimeError that says so)."""
-    return isinstance(e, torch.cuda.OutOfMemoryError) or isinstance(e, RuntimeError) and any(
-        s in str(e) for s in ('out of memory', "can't allocate memory", 'not enough memory'))
+def epoch_row(epoch, train_loss, train_acc, valid_loss, valid_acc, lr, seconds, img_per_s):
+    """One epoch's line of weight.csv (valid_* None without validation)."""
+    return {'epoch': epoch, 'train_loss': round(train_loss, 4), 'train_acc': round(train_acc, 2),
+            'valid_loss': valid_loss and round(valid_loss, 4),
+            'valid_acc': valid_acc and round(valid_acc, 2), 'lr': round(lr, 6),
+            'seconds': round(seconds, 2), 'img_per_s': round(img_per_s)}
 
 
 TIMINGS = ('loading data', 'recording CUDA graphs', 'training', 'evaluating', 'testing', 'saving')
@@ -202,6 +205,8 @@ class Run:
         self.history, self.start, self.epoch = [], 1, 0
         self.timings = dict(timings or {})  # seconds spent, by what on
         self.exit_code, self.last_save = 0, time.monotonic()
+        self.record.run = checkpoint['record']['run'] if checkpoint else uuid.uuid4().hex[:12]
+        self.previous_run = None  # which run wrote the weights already in --out
         if checkpoint is not None:
             self._check_same_run(checkpoint)
         if self.out.exists():
@@ -211,18 +216,19 @@ class Run:
         self.out.parent.mkdir(parents=True, exist_ok=True)
 
     def _read_previous(self, resume):
-        prev = read_json(self.json)
-        if prev is None or not all(k in prev for k in (*NEEDED, 'valid_acc')):
+        try:
+            prev = read_record(self.out)
+        except UsageError:
             raise UsageError(f'{self.out} already holds weights, but {self.json}, which says what '
                              f'they are and how good, is missing or unreadable; pass --out NEW.pth '
-                             f'to write elsewhere, or move {self.out} away')
-        if {k: prev.get(k) for k in SETUP} != self.record.setup():
+                             f'to write elsewhere, or move {self.out} away') from None
+        if prev.setup() != self.record.setup():
             raise UsageError(f'{self.out} already holds weights of another setup; pass --out '
                              f'NEW.pth to write elsewhere, or move {self.out} away')
-        acc = prev['valid_acc']
-        self.best = Best(acc, prev.get('best_epoch', 0), None)
-        self.record.valid_acc, self.record.best_epoch = acc, self.best.epoch
-        self.record.test_acc = prev.get('test_acc')
+        acc, self.previous_run = prev.valid_acc, prev.run
+        self.best = Best(acc, prev.best_epoch, None)
+        self.record.valid_acc, self.record.best_epoch = acc, prev.best_epoch
+        self.record.test_acc = prev.test_acc
         if resume:
             return
         if acc is None:
@@ -242,12 +248,13 @@ class Run:
         self.best, self.unsaved = Best(valid_acc, epoch, params), True
         self.record.valid_acc, self.record.best_epoch, self.record.test_acc = valid_acc, epoch, None
 
-    def end_epoch(self, row, train_seconds, seconds):
-        """Add the epoch's row to the history; write the files every --save-every seconds and
-        after the last epoch."""
+    def end_epoch(self, row, train_seconds):
+        """Add the epoch's row (epoch_row) to the history; write the files every --save-every
+        seconds and after the last epoch."""
         self.history.append(row)
         self.timings['training'] = self.timings.get('training', 0.0) + train_seconds
-        self.timings['evaluating'] = self.timings.get('evaluating', 0.0) + seconds - train_seconds
+        self.timings['evaluating'] = (self.timings.get('evaluating', 0.0) + row['seconds']
+                                      - train_seconds)
         if row['epoch'] == self.args.epochs or \
                 time.monotonic() - self.last_save >= self.args.save_every:
             self.save(with_checkpoint=True)
@@ -261,7 +268,7 @@ class Run:
 
     def save(self, with_checkpoint=False):
         """Write the best weights, if new, with weight.json; and the checkpoint, with the
-        history as CSV and as a plot."""
+        history as CSV and as a plot when the weights are this run's."""
         t = time.perf_counter()
         if self.unsaved:
             save_torch(self.best.params, self.out)
@@ -270,6 +277,8 @@ class Run:
             self.record.write(self.json)
         if with_checkpoint and self.history:
             save_torch(self.checkpoint(), self.ckpt)
+        if with_checkpoint and self.history and self.best and self.best.params is not None:
+            # The history beside the weights is theirs: not written while an earlier run's stay.
             save_text(history_csv(self.history), self.out.with_suffix('.csv'))
             save_plot(self.history, self.out.with_suffix('.png'))
         self.timings['saving'] = self.timings.get('saving', 0.0) + time.perf_counter() - t
@@ -332,8 +341,7 @@ class Run:
                 'scheduler': trainer.scheduler.state_dict(), 'scaler': trainer.amp.state_dict(),
                 'rng': rng_state(trainer.device), 'epoch': self.history[-1]['epoch'],
                 'epochs': self.args.epochs, 'batch_size': self.args.batch_size,
-                'record': asdict(self.record), 'history': self.history,
-                'improved': self.best is not None and self.best.params is not None}
+                'record': asdict(self.record), 'history': self.history}
 
     def _check_same_run(self, ckpt):
         """Stop unless the checkpoint is of the run these arguments describe."""
@@ -360,10 +368,10 @@ class Run:
         trainer.scheduler.load_state_dict(ckpt['scheduler'])
         trainer.amp.load_state_dict(ckpt['scaler'])
         set_rng_state(ckpt['rng'], trainer.device)
-        if ckpt['improved']:  # the epochs before replaced the weights in out: those are its best
-            was = ckpt['record']
-            self.best = Best(was['valid_acc'], was['best_epoch'], load_weights(self.out))
-            self.record.valid_acc, self.record.best_epoch = was['valid_acc'], was['best_epoch']
+        if self.best is not None and self.previous_run == self.record.run:
+            # The weights in --out are this run's best so far (perhaps of a later epoch than
+            # the checkpoint's, written when it stopped): they stay its best, to be tested.
+            self.best = self.best._replace(params=load_weights(self.out))
         self.history, self.start = ckpt['history'], ckpt['epoch'] + 1
         self.epoch = ckpt['epoch']
         if ckpt['epoch'] >= self.args.epochs:
@@ -395,7 +403,7 @@ def load_weights(path):
 
 
 CHECKPOINT_KEYS = ('model', 'optimizer', 'scheduler', 'scaler', 'rng', 'epoch', 'epochs',
-                   'batch_size', 'record', 'history', 'improved')
+                   'batch_size', 'record', 'history')
 
 
 def load_checkpoint(path):

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import unittest
 import sys
 from pathlib import Path
 
@@ -81,6 +82,25 @@ def make_colour_folder(root, n_train=16, n_test=10, size=8, seed=0):
     Image.new('RGBA', (size + 4, size), (200, 40, 40, 128)).save(
         Path(root, 'train', 'red', 'rgba.png'))
     return root
+
+
+class ColourFolderCase(unittest.TestCase):
+    """Tests that train: a colour folder for the class (cls.data; 18 train images a class, and
+    2 more: 6 held out for validation, 50 to train on), and a scratch folder for each test
+    (self.dir, removed after it: a run writes 200 MB)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.data = make_colour_folder(Path(cls.tmp.name, 'colours'), n_train=18)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def setUp(self):
+        self.dir = Path(tempfile.mkdtemp(dir=self.tmp.name))
+        self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
 
 
 def run_cli(main, *argv):

@@ -29,28 +29,18 @@ import saving
 import speed
 import train
 from resnet import ResNet18, ResNet34, count_parameters
-from test_helpers import COLOURS, EagerGraphedStep, make_colour_folder, run_main, run_script
+from test_helpers import COLOURS, ColourFolderCase, EagerGraphedStep, make_colour_folder, \
+    run_main, run_script
 
 CPU = torch.device('cpu')
 AUTO = speed.choose_precision('auto', CPU)  # what --precision auto picks on this CPU
 
 
-class TrainTest(unittest.TestCase):
+class TrainTest(ColourFolderCase):
     """train.py end to end on a small generated image folder, on the CPU."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.tmp = tempfile.TemporaryDirectory()
-        # 18 a class (and 2 more): 6 held out for validation, 50 to train on.
-        cls.data = make_colour_folder(Path(cls.tmp.name, 'colours'), n_train=18)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.tmp.cleanup()
-
     def setUp(self):
-        self.dir = Path(tempfile.mkdtemp(dir=self.tmp.name))
-        self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)  # a run writes 200 MB
+        super().setUp()
         self.out = self.dir / 'weight.pth'
 
     def train(self, *extra, out=None, model=('--small-input',)):
@@ -433,6 +423,58 @@ class TrainTest(unittest.TestCase):
             self.assertTrue(torch.allclose(v.float(), done_b['model'][k].float(), atol=1e-6), k)
         self.assertEqual(done_a['history'][-1]['valid_acc'], done_b['history'][-1]['valid_acc'])
 
+    def test_a_run_stopped_after_its_last_checkpoint_knows_its_own_best(self):
+        # Ctrl-C writes the best weights so far, which can be of a later epoch than the last
+        # checkpoint. Resumed, the run must take them as its own (recorded in weight.json as
+        # this run's), not as an earlier run's to beat, and test them at the end.
+        real_valid = train.Trainer.epoch_valid
+        valid = {1: 50.0, 2: 60.0, 3: 55.0}  # epoch 2 is the best on the validation images
+
+        def scripted_valid(trainer, loader):
+            loss, acc = real_valid(trainer, loader)
+            if len(loader.labels) == 6:  # the validation images; 3 steps an epoch
+                acc = valid[trainer.scheduler.last_epoch // 3]
+            return loss, acc
+
+        scripted = mock.patch.object(train.Trainer, 'epoch_valid', scripted_valid)
+        scripted.start()
+        self.addCleanup(scripted.stop)
+        a = self.dir / 'a' / 'weight.pth'
+        code, _, err = self.train('--epochs', 3, out=a)
+        self.assertEqual(code, 0, err)
+        done = json.loads(a.with_suffix('.json').read_text())
+        self.assertEqual(done['best_epoch'], 2)
+        # Weights of an earlier run, as good as epoch 1 on the validation images.
+        b = self.dir / 'b' / 'weight.pth'
+        b.parent.mkdir()
+        shutil.copy(a, b)
+        b.with_suffix('.json').write_text(json.dumps(
+            {**done, 'valid_acc': valid[1], 'best_epoch': 1, 'run': 'earlier'}))
+        real_end, real_train, calls = saving.Run.end_epoch, train.Trainer.epoch_train, []
+
+        def checkpoint_after_epoch_1_only(run, row, *args):
+            run.args.save_every = 0 if row['epoch'] == 1 else 1e9
+            return real_end(run, row, *args)
+
+        def stopped_in_epoch_3(trainer, loader):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return real_train(trainer, loader)
+
+        with mock.patch.object(saving.Run, 'end_epoch', checkpoint_after_epoch_1_only), \
+                mock.patch.object(train.Trainer, 'epoch_train', stopped_in_epoch_3):
+            code, _, err = self.train('--epochs', 3, out=b)
+        self.assertEqual(code, 130, err)
+        self.assertEqual(torch.load(b.with_suffix('.ckpt'), weights_only=True)['epoch'], 1)
+        self.assertEqual(json.loads(b.with_suffix('.json').read_text())['best_epoch'], 2)
+        code, out, err = self.train('--epochs', 3, '--resume', out=b)
+        self.assertEqual(code, 0, err)
+        self.assertIn('done: test accuracy', out.splitlines()[-1])
+        resumed = json.loads(b.with_suffix('.json').read_text())
+        for key in ('valid_acc', 'best_epoch', 'test_acc'):
+            self.assertEqual(resumed[key], done[key], key)
+
     def test_unreadable_checkpoint_or_metadata_stops_and_keeps_the_weights(self):
         code, _, err = self.train('--epochs', 1)
         self.assertEqual(code, 0, err)
@@ -544,10 +586,11 @@ class TrainTest(unittest.TestCase):
         meta = json.loads(meta_path.read_text())
         meta['valid_acc'] = 100.0
         meta_path.write_text(json.dumps(meta))
-        before = self.out.read_bytes()
+        before, history = self.out.read_bytes(), self.out.with_suffix('.csv').read_text()
         code, out, err = self.train()
         self.assertEqual(code, 0, err)
         self.assertEqual(self.out.read_bytes(), before)
+        self.assertEqual(self.out.with_suffix('.csv').read_text(), history)  # still theirs
         self.assertIn('kept', out.splitlines()[-1])
         self.assertIn('were not looked at', out.splitlines()[-1])  # nothing new to measure
         self.assertEqual(json.loads(meta_path.read_text()), meta)

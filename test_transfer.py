@@ -2,8 +2,6 @@
 cache the test plants, never downloaded), from a weight.pth (--init), and --freeze."""
 import json
 import os
-import shutil
-import tempfile
 import unittest
 import urllib.error
 from argparse import Namespace
@@ -20,7 +18,7 @@ import options
 import train
 import transfer
 from resnet import ResNet18, from_torchvision
-from test_helpers import make_colour_folder, run_main
+from test_helpers import ColourFolderCase, run_main
 
 CPU = torch.device('cpu')
 
@@ -31,20 +29,10 @@ def torchvision_resnet18(seed=0):
     return torchvision.models.resnet18(num_classes=1000).state_dict()
 
 
-class TransferTest(unittest.TestCase):
-
-    @classmethod
-    def setUpClass(cls):
-        cls.tmp = tempfile.TemporaryDirectory()
-        cls.data = make_colour_folder(Path(cls.tmp.name, 'colours'), n_train=18)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.tmp.cleanup()
+class TransferTest(ColourFolderCase):
 
     def setUp(self):
-        self.dir = Path(tempfile.mkdtemp(dir=self.tmp.name))
-        self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)  # a run writes 200 MB
+        super().setUp()
         # No test downloads: torchvision's weights come from the cache each test plants.
         no_network = mock.patch.object(torch.hub, 'download_url_to_file',
                                        side_effect=urllib.error.URLError('no network'))
@@ -102,6 +90,14 @@ class TransferTest(unittest.TestCase):
         start, new = transfer.load_start(ResNet18(3), args, ['a', 'b', 'c'])
         self.assertEqual((start, new), (f'imagenet {path.resolve()}', {'fc.weight', 'fc.bias'}))
 
+    def test_a_path_that_is_not_torchvisions_file_is_one_sentence(self):
+        ours = self.dir / 'ours.pth'
+        torch.save(ResNet18(3).state_dict(), ours)  # this repository's names: for --init
+        for path, text in ((self.dir / 'nowhere.pth', 'no file at'), (ours, f'--init {ours}')):
+            code, _, err = self.train('--pretrained', path, out=self.dir / 'w.pth')
+            self.assertEqual((code, err.count('\n')), (2, 1), err)
+            self.assertIn(text, err)
+
     def test_offline_without_a_cached_file_is_one_sentence(self):
         code, _, err = self.train('--pretrained', out=self.dir / 'w.pth')
         self.assertEqual((code, err.count('\n')), (2, 1), err)
@@ -113,11 +109,13 @@ class TransferTest(unittest.TestCase):
     def test_freeze_trains_the_fc_alone(self):
         torch.manual_seed(0)
         model = ResNet18(3)
-        new = transfer.start_from(model, from_torchvision(torchvision_resnet18()), 'test')
-        transfer.freeze(model)
+        transfer.start_from(model, from_torchvision(torchvision_resnet18()), 'test')
+        trainable = transfer.freeze(model)
+        self.assertEqual(trainable, {'fc.weight', 'fc.bias'})
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        optimizer = train.build_optimizer(model, 0.1, CPU, new=new)
-        self.assertEqual(sum(len(g['params']) for g in optimizer.param_groups), 2)  # fc only
+        optimizer = train.build_optimizer(model, 0.1, CPU, new=trainable)
+        (group,) = optimizer.param_groups  # the fc alone, at the full lr
+        self.assertEqual((len(group['params']), group['lr']), (2, 0.1))
         trainer = train.Trainer(model, optimizer, train.build_criterion())
         trainer.epoch_train([(torch.randn(8, 3, 8, 8), torch.arange(8) % 3)])
         for k, v in model.state_dict().items():
@@ -139,6 +137,9 @@ class TransferTest(unittest.TestCase):
             optimizer.step()
             scheduler.step()
         self.assertAlmostEqual(came['lr'] / fresh['lr'], config.PRETRAINED_LR_FACTOR)
+        # Nothing new (--init with the same classes): one group, no empty one.
+        (group,) = train.build_optimizer(model, 0.1, CPU, new=set()).param_groups
+        self.assertEqual(len(group['params']), len(list(model.parameters())))
 
     def test_init_replaces_the_fc_for_other_classes_and_keeps_it_for_the_same(self):
         out = self.dir / 'first.pth'

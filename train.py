@@ -4,11 +4,8 @@ In the article's order: the Trainer, the builders, then its __main__ (data, mode
 loaders, epochs), keeping the weights best on the validation images in weight.pth. Its bugs are
 fixed, each marked `# Article:`. What is not the article's idea is one named call you may skip:
 data.py (the data path), speed.py (speed only), saving.py (files, resume, stopping cleanly),
-transfer.py (starting from trained weights), options.py (the command line).
-
-    python train.py                          # ResNet18, CIFAR-10, 30 epochs
-    python train.py --data DIR --epochs 5    # DIR/train/<class>/*, DIR/test/<class>/*
-    python train.py --eval weight.pth        # test saved weights (predict.evaluate)
+transfer.py (starting from trained weights), options.py (the command line), errors.py.
+`python train.py --eval weight.pth` tests saved weights (predict.evaluate).
 """
 import math
 import os
@@ -20,6 +17,7 @@ import torch
 import torch.nn as nn
 
 import config
+import errors
 import options
 import resnet
 import saving
@@ -28,7 +26,6 @@ import transfer
 from alexnet import AlexNet
 from data import Data, Loaders, Split, channel_stats, load_cifar10, load_image_folder, \
     make_loader, split_valid, subset
-from errors import UsageError
 
 
 class Trainer:
@@ -37,19 +34,21 @@ class Trainer:
 
     def __init__(self, model, optimizer, criterion, device='cpu', scheduler=None,
                  precision=None):
+        # Article: it chose cuda itself when there was one; here train.py passes --device's.
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.optimizer = optimizer
         self.criterion = criterion
-        self.scheduler = scheduler  # stepped once per batch
-        # Mixed precision: autocast to bf16 or fp16 (speed.choose_precision; None: fp32), with
-        # fp16's loss scaling. Not in the article; on fp32 both do nothing.
+        self.scheduler = scheduler  # Article: none (a constant lr); here stepped once per batch
+        # Article: fp32 only. Mixed precision: autocast to bf16 or fp16 where the device is
+        # faster in them (speed.choose_precision; None: fp32), with fp16's loss scaling.
         self.amp = speed.MixedPrecision(self.device, precision)
         self.progress = sys.stdout.isatty()  # a live progress line on a terminal, none in a log
         self.confusion = None  # of the last epoch_valid: counts, true class by predicted class
 
     def train_step(self, inputs, targets):
-        """One step of the article's loop: forward, loss, backward, SGD update."""
+        """One step of the article's loop: forward, loss, backward, SGD update. (On CUDA,
+        speed.record_graphs puts a CUDA graph of this step in its place.)"""
         self.optimizer.zero_grad(set_to_none=True)
         with self.amp.autocast():
             outputs = self.model(inputs)
@@ -61,13 +60,13 @@ class Trainer:
 
     def epoch_train(self, train_loader):
         self.model.train()
-        # Per-batch losses and predictions stay on the device and are summed once at the end:
-        # no per-batch .item(), so the GPU never waits for the host.
+        # Article: a running sum of loss.item(). Here the losses and predictions stay on the
+        # device and are summed once at the end: the host does not wait for the GPU each batch.
         losses, predictions, labels = [], [], []
         last_print = time.monotonic()
 
         for batch_idx, (inputs, targets) in enumerate(train_loader):
-            inputs = inputs.to(self.device)  # no-ops for train.py's loaders, which batch there
+            inputs = inputs.to(self.device)  # no-op: train.py's loaders batch on the device
             targets = targets.to(self.device).long()
             loss, outputs = self.train_step(inputs, targets)
             if self.scheduler is not None:
@@ -153,7 +152,7 @@ def build_criterion(fixes=options.FIXES):
 
 def build_schedule(optimizer, total_steps, fixes=options.FIXES):
     """The lr factor of each step: warm-up, then linear decay to 0 (the article: constant)."""
-    factor = warmup_linear(total_steps, config.WARMUP) if 'lr' in fixes else constant
+    factor = warmup_linear(total_steps, config.WARMUP) if 'lr' in fixes else lambda step: 1.0
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -166,10 +165,6 @@ def warmup_linear(total_steps, warmup):
             return (step + 1) / peak
         return max(0.0, (total_steps - step) / max(1, total_steps - peak))
     return factor
-
-
-def constant(step):
-    return 1.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,9 +186,12 @@ def load_data(args, device):
     # Article: raw [0, 1] pixels, and no augmentation. The fixes normalise with the training
     # images' statistics (ImageNet's for its weights), and crop and flip each training image
     # anew each epoch (the loader).
-    mean, std = (([0.0] * 3, [1.0] * 3) if 'norm' not in options.fixes_of(args.recipe) else
-                 (config.IMAGENET_MEAN, config.IMAGENET_STD) if args.pretrained else
-                 channel_stats(train.images, workers=args.workers or os.cpu_count() or 1))
+    if args.pretrained:  # what torchvision's weights were trained with, whatever the recipe
+        mean, std = config.IMAGENET_MEAN, config.IMAGENET_STD
+    elif 'norm' in options.fixes_of(args.recipe):
+        mean, std = channel_stats(train.images, workers=args.workers or os.cpu_count() or 1)
+    else:
+        mean, std = [0.0] * 3, [1.0] * 3
     print(f'{len(train.labels):,} train, {len(valid.labels):,} valid and {len(test_y):,} test '
           f'images, {len(classes)} classes, held at {train.images.shape[-1]} px, fed at '
           f'{args.image_size} px; mean {[round(m, 4) for m in mean]}, std '
@@ -216,7 +214,9 @@ def build_loaders(data, args, device):
 
 def train(args, device):
     """The article's __main__: the data, the model, the optimizer, the loaders and the
-    Trainer, then the epochs (fit) and the one look at the test set (test_once)."""
+    Trainer, then the epochs (fit) and the one look at the test set (test_once).
+    Article: the model came first; here the data does, as the classes and the batch size
+    come from it. --image-size, --batch-size and --lr left out are set here (options.py)."""
     checkpoint = saving.load_checkpoint(Path(args.out).with_suffix('.ckpt')) \
         if args.resume else None  # read first, so that a bad one fails fast
     precision = speed.choose_precision(args.precision, device)
@@ -233,15 +233,18 @@ def train(args, device):
     model = build_model(args.model, len(data.classes), args.small_input, args.plain)
     start, new = transfer.load_start(model, args, data.classes)  # random, ImageNet's or --init
     if args.freeze:
-        transfer.freeze(model)  # the fc alone trains
-    model = speed.prepare_model(model, device)
-    # Article: plain SGD at lr 0.001 with no schedule (README, "What the recipe buys").
+        new = transfer.freeze(model)  # the fc alone trains, at the full lr
+    model = speed.prepare_model(model, device)  # on the device; on the CPU, OnePixelConv2d
+    # Article: SGD (momentum 0.9, weight decay 1e-4) at a constant lr of 0.001 (README, "What
+    # the recipe buys").
     optimizer = build_optimizer(model, args.lr, device, fixes, new)
     loaders = build_loaders(data, args, device)
     scheduler = build_schedule(optimizer, args.epochs * len(loaders.train), fixes)
     trainer = Trainer(model, optimizer, build_criterion(fixes), device, scheduler, precision)
     record = saving.WeightRecord.of_run(args, data.classes, data.mean, data.std,
                                         data.train.images.shape[-1], precision, start)
+    # Article: torch.save once, after the last epoch. Run writes weight.pth (and weight.json,
+    # the record) as the run goes, checks the weights already there, and resumes --resume.
     run = saving.Run(trainer, record, args, checkpoint, timings)
     if run.start > args.epochs:
         return 0
@@ -280,18 +283,16 @@ def fit(trainer, loaders, args, run):
             # Article: it kept `trainer.params`, a live view of the weights, so the "best"
             # weights it saved were the last epoch's. Copy them.
             run.keep(epoch, valid_acc, {k: v.detach().clone() for k, v in trainer.params.items()})
-        row = {'epoch': epoch, 'train_loss': round(train_loss, 4),
-               'train_acc': round(train_acc, 2), 'valid_loss': valid_loss and round(valid_loss, 4),
-               'valid_acc': valid_acc and round(valid_acc, 2),
-               'lr': round(trainer.optimizer.param_groups[0]['lr'], 6),
-               'seconds': round(time.perf_counter() - t0, 2),
-               'img_per_s': round(len(loaders.train) * args.batch_size / train_seconds)}
+        row = saving.epoch_row(epoch, train_loss, train_acc, valid_loss, valid_acc,
+                               trainer.optimizer.param_groups[0]['lr'], time.perf_counter() - t0,
+                               len(loaders.train) * args.batch_size / train_seconds)
         print_epoch(row, args.epochs)
-        run.end_epoch(row, train_seconds, time.perf_counter() - t0)
+        run.end_epoch(row, train_seconds)
 
 
 def print_epoch(row, epochs):
-    # Article: it printed {num_epochs}, a name it never defined: NameError in epoch 1.
+    # Article: three lines an epoch, the first with {num_epochs}, a name it never defined:
+    # NameError in epoch 1. Here one line.
     valid = (f'valid loss {row["valid_loss"]:.3f} acc {row["valid_acc"]:5.2f}%'
              if row['valid_acc'] is not None else 'no validation')
     print(f'epoch {row["epoch"]:>{len(str(epochs))}}/{epochs}  '
@@ -312,26 +313,18 @@ def test_once(trainer, test_loader, run):
 
 def main(argv=None):
     args = options.parse_args(argv)
-    device = torch.device('cpu')
-    try:
-        torch.set_float32_matmul_precision('high')  # TF32 on Ampere and later; no-op on CPU
-        options.check_args(args)
-        device = options.pick_device(args.device)
-        if args.eval:
-            import predict  # testing saved weights lives with loading them
-            return predict.evaluate(args, device)
-        return train(args, device)
-    except UsageError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # while loading data: nothing written yet
-        print('\ninterrupted before training started; nothing was written', file=sys.stderr)
-        return 130
-    except Exception as e:  # while loading, recording CUDA graphs or evaluating
-        if not saving.out_of_memory(e):
-            raise
-        print(f'error: {saving.out_of_memory_advice(args, device.type)}', file=sys.stderr)
-        return 1
+    return errors.guarded(lambda: run(args), lambda: saving.out_of_memory_advice(
+        args, options.pick_device(args.device).type))  # one sentence, not a traceback
+
+
+def run(args):
+    torch.set_float32_matmul_precision('high')  # TF32 on Ampere and later; no-op on CPU
+    options.check_args(args)
+    device = options.pick_device(args.device)
+    if args.eval:
+        import predict  # testing saved weights lives with loading them
+        return predict.evaluate(args, device)
+    return train(args, device)
 
 
 if __name__ == '__main__':

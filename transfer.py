@@ -7,6 +7,7 @@ network's last layer (its head: the fc) is new when the classes differ. --freeze
 head alone, on the features of the frozen network; without it every layer trains, those that
 came with the weights at a smaller lr (config.PRETRAINED_LR_FACTOR).
 """
+import re
 from pathlib import Path
 
 import torch.nn as nn
@@ -26,7 +27,14 @@ def imagenet_weights(model_name, path=None):
     """torchvision's ImageNet state_dict for model_name, with this repository's names: from
     the file at path, or through torchvision's weights API (downloaded once, then cached)."""
     if path is not None:
-        return resnet.from_torchvision(saving.load_weights(path))
+        if not path.is_file():
+            raise UsageError(f'no file at {path}: --pretrained PATH takes torchvision\'s ImageNet '
+                             f'weights file (for {model_name}, the one --pretrained downloads)')
+        state = saving.load_weights(path)
+        if not any(re.match(r'layer\d\.\d+\.', k) for k in state):
+            raise UsageError(f'{path} is not in torchvision\'s format (it looks like a weight.pth '
+                             f'of this repository); start from it with --init {path}')
+        return resnet.from_torchvision(state)
     import torchvision  # here: only --pretrained needs it
     weights = torchvision.models.get_model_weights(model_name).DEFAULT
     try:
@@ -79,7 +87,8 @@ def load_start(model, args, classes):
 
 def freeze(model):
     """Train the head alone (head_name): the other parameters get no gradient, and the
-    BatchNorm layers among them keep the statistics they came with (eval mode in training)."""
+    BatchNorm layers among them keep the statistics they came with (eval mode in training).
+    Returns the names of the head's parameters, the ones that train."""
     head = head_name(model) + '.'
     for name, p in model.named_parameters():
         p.requires_grad = name.startswith(head)
@@ -87,6 +96,7 @@ def freeze(model):
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and \
                 not any(p.requires_grad for p in m.parameters()):
             m.register_forward_pre_hook(keep_statistics)
+    return {name for name, p in model.named_parameters() if p.requires_grad}
 
 
 def keep_statistics(module, inputs):
@@ -95,12 +105,10 @@ def keep_statistics(module, inputs):
 
 def parameter_groups(model, new, lr):
     """The optimizer's groups: the new parameters at lr, those that came with the weights at
-    lr * config.PRETRAINED_LR_FACTOR (left out when frozen)."""
+    lr * config.PRETRAINED_LR_FACTOR (left out when frozen); an empty group is left out."""
     came, fresh = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (fresh if name in new else came).append(p)
-    groups = [{'params': fresh, 'lr': lr}]
-    if came:
-        groups.append({'params': came, 'lr': lr * config.PRETRAINED_LR_FACTOR})
-    return groups
+    groups = [{'params': fresh, 'lr': lr}, {'params': came, 'lr': lr * config.PRETRAINED_LR_FACTOR}]
+    return [g for g in groups if g['params']]
