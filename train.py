@@ -278,7 +278,6 @@ def fit(trainer, loaders, args, run):
                                   f'try a lower --lr than {args.lr}')
         valid_loss, valid_acc = (trainer.epoch_valid(loaders.valid) if loaders.valid
                                  else (None, None))  # --valid-split 0: the last epoch is kept
-
         if run.is_better(valid_acc):
             # Article: it kept `trainer.params`, a live view of the weights, so the "best"
             # weights it saved were the last epoch's. Copy them.
@@ -301,8 +300,7 @@ def print_epoch(row, epochs):
 
 
 def test_once(trainer, test_loader, run):
-    """The test accuracy of the weights this run chose, the one look at the test set; none
-    when the weights already in --out stay the best."""
+    """The one look at the test set, at the weights this run chose (if it beat --out's)."""
     if run.best.params is None:
         return
     t0 = time.perf_counter()
@@ -313,11 +311,11 @@ def test_once(trainer, test_loader, run):
 
 def main(argv=None):
     args = options.parse_args(argv)
-    return errors.guarded(lambda: run(args), lambda: saving.out_of_memory_advice(
+    return errors.guarded(lambda: run_command(args), lambda: saving.out_of_memory_advice(
         args, options.pick_device(args.device).type))  # one sentence, not a traceback
 
 
-def run(args):
+def run_command(args):
     torch.set_float32_matmul_precision('high')  # TF32 on Ampere and later; no-op on CPU
     options.check_args(args)
     device = options.pick_device(args.device)
