@@ -87,8 +87,10 @@ class TransferTest(ColourFolderCase):
         self.assertEqual(options.default_image_size(args), 224)
         self.assertEqual(options.default_image_size(options.parse_args([])), config.IMAGE_SIZE)
         self.assertEqual(options.parse_args(['--pretrained']).pretrained, 'imagenet')
-        start, new = transfer.load_start(ResNet18(3), args, ['a', 'b', 'c'])
-        self.assertEqual((start, new), (f'imagenet {path.resolve()}', {'fc.weight', 'fc.bias'}))
+        start = transfer.read_start(args)
+        new = transfer.load_start(ResNet18(3), start, ['a', 'b', 'c'])
+        self.assertEqual(start.name, f'imagenet {path.resolve()}')
+        self.assertEqual(new, {'fc.weight', 'fc.bias'})
 
     def test_a_path_that_is_not_torchvisions_file_is_one_sentence(self):
         ours = self.dir / 'ours.pth'
@@ -99,8 +101,9 @@ class TransferTest(ColourFolderCase):
             self.assertIn(text, err)
 
     def test_offline_without_a_cached_file_is_one_sentence(self):
-        code, _, err = self.train('--pretrained', out=self.dir / 'w.pth')
+        code, out, err = self.train('--pretrained', out=self.dir / 'w.pth')
         self.assertEqual((code, err.count('\n')), (2, 1), err)
+        self.assertNotIn('decoding', out)  # before the data is read
         self.assertIn(str(Path(torch.hub.get_dir(), 'checkpoints')), err)
         self.assertIn('--pretrained PATH', err)
         self.assertNotIn('Traceback', err)
@@ -150,8 +153,9 @@ class TransferTest(ColourFolderCase):
             torch.manual_seed(1)
             model = ResNet18(3, small_input=True)
             args = Namespace(pretrained=None, init=str(out), model='resnet18')
-            start, new = transfer.load_start(model, args, classes)
-            self.assertEqual(start, f'init {out.resolve()}')
+            start = transfer.read_start(args)
+            new = transfer.load_start(model, start, classes)
+            self.assertEqual(start.name, f'init {out.resolve()}')
             self.assertEqual(new, set() if kept else {'fc.weight', 'fc.bias'})
             self.assertEqual(torch.equal(model.fc.weight, saved['fc.weight']), kept)
             self.assertTrue(torch.equal(model.conv1.weight, saved['conv1.weight']))

@@ -219,6 +219,7 @@ def train(args, device):
     come from it. --image-size, --batch-size and --lr left out are set here (options.py)."""
     checkpoint = saving.load_checkpoint(Path(args.out).with_suffix('.ckpt')) \
         if args.resume else None  # read first, so that a bad one fails fast
+    start = transfer.read_start(args)  # --pretrained or --init: read first too
     precision = speed.choose_precision(args.precision, device)
     args.image_size = args.image_size or options.default_image_size(args)  # 224: --pretrained
     t0 = time.perf_counter()
@@ -231,7 +232,7 @@ def train(args, device):
 
     torch.manual_seed(args.seed)
     model = build_model(args.model, len(data.classes), args.small_input, args.plain)
-    start, new = transfer.load_start(model, args, data.classes)  # random, ImageNet's or --init
+    new = transfer.load_start(model, start, data.classes)  # random, ImageNet's or --init
     if args.freeze:
         new = transfer.freeze(model)  # the fc alone trains, at the full lr
     model = speed.prepare_model(model, device)  # on the device; on the CPU, OnePixelConv2d
@@ -242,7 +243,7 @@ def train(args, device):
     scheduler = build_schedule(optimizer, args.epochs * len(loaders.train), fixes)
     trainer = Trainer(model, optimizer, build_criterion(fixes), device, scheduler, precision)
     record = saving.WeightRecord.of_run(args, data.classes, data.mean, data.std,
-                                        data.train.images.shape[-1], precision, start)
+                                        data.train.images.shape[-1], precision, start.name)
     # Article: torch.save once, after the last epoch. Run writes weight.pth (and weight.json,
     # the record) as the run goes, checks the weights already there, and resumes --resume.
     run = saving.Run(trainer, record, args, checkpoint, timings)

@@ -9,6 +9,7 @@ came with the weights at a smaller lr (config.PRETRAINED_LR_FACTOR).
 """
 import re
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import torch.nn as nn
 
@@ -66,23 +67,38 @@ def start_from(model, state, source, same_classes=False):
     return new
 
 
-def load_start(model, args, classes):
-    """Where training starts, loaded into model: returns (the record's start, the names of the
-    new parameters). Random weights: ('random', every name)."""
+class Start(NamedTuple):
+    """Where a run starts: its name for weight.json ('random', 'imagenet ...', 'init PATH'),
+    the state_dict (None: random weights) and, for --init, the classes it was trained on."""
+    name: str
+    state: Optional[dict] = None
+    classes: Optional[list] = None
+
+
+def read_start(args):
+    """The weights --pretrained or --init name, read before the data so that a missing file
+    or a failed download stops the run at once."""
     if args.pretrained:
         path = None if args.pretrained == 'imagenet' else Path(args.pretrained)
-        state = imagenet_weights(args.model, path)
-        start = f'imagenet {path.resolve()}' if path else f'imagenet {args.model}'
-        return start, start_from(model, state, path or 'torchvision\'s weights')
+        return Start(f'imagenet {path.resolve()}' if path else f'imagenet {args.model}',
+                     imagenet_weights(args.model, path))
     if args.init:
         path = Path(args.init)
         state = saving.load_weights(path)
         was = saving.read_json(path.with_suffix('.json')) or {}
         if was.get('model', args.model) != args.model:
             raise UsageError(f'{path} holds a {was["model"]}; pass --model {was["model"]}')
-        same = was.get('classes', list(classes)) == list(classes)
-        return f'init {path.resolve()}', start_from(model, state, path, same_classes=same)
-    return 'random', {name for name, _ in model.named_parameters()}
+        return Start(f'init {path.resolve()}', state, was.get('classes'))
+    return Start('random')
+
+
+def load_start(model, start, classes):
+    """Load the Start into model; return the names of its new parameters (every name for
+    random weights; the head's for ImageNet's weights or another set of classes)."""
+    if start.state is None:
+        return {name for name, _ in model.named_parameters()}
+    same = start.name.startswith('init') and start.classes in (None, list(classes))
+    return start_from(model, start.state, f'the weights of {start.name}', same_classes=same)
 
 
 def freeze(model):
