@@ -256,5 +256,5 @@ if __name__ == '__main__':
     print(f'{list(inputs.shape)} -> {list(outputs.shape)}')
     print_stage_table(model, size)
     for name, net in CIFAR_RESNETS.items():  # the paper's Table 6, to check against
-        print(f'{net.__name__}: {count_parameters(net(10)):,} parameters '
-              f'({count_parameters(net(10, plain=True)):,} without its shortcuts)')
+        print(f'{net.__name__}: {count_parameters(net(10)):,} parameters, the same without its '
+              f'shortcuts, which add no parameters (option A: zero-padded identity)')
