@@ -243,6 +243,9 @@ def check_args(args):
 
 def check_start(args):
     """--pretrained, --init and --freeze: one sentence for a combination that cannot be."""
+    if args.eval and (args.pretrained or args.init or args.freeze):
+        raise UsageError('--eval tests saved weights and trains nothing; --pretrained, --init '
+                         'and --freeze say how training starts: leave them out')
     if args.pretrained and args.init:
         raise UsageError('--pretrained starts from ImageNet\'s weights and --init from a file '
                          'of yours; pick one')

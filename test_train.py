@@ -748,6 +748,13 @@ class TrainTest(ColourFolderCase):
         code, _, err = run_main('--eval', self.out, '--device', 'cpu')
         self.assertEqual((code, err.count('\n')), (2, 1), err)
         self.assertIn('which is not there any more; pass --data DIR', err)
+        # --data with other classes: the weights' fc scores the classes weight.json names.
+        other = Path(shutil.copytree(self.data, self.dir / 'other'))
+        for split in ('train', 'test'):
+            (other / split / 'red').rename(other / split / 'pink')
+        code, _, err = run_main('--eval', self.out, '--data', other, '--device', 'cpu')
+        self.assertEqual((code, err.count('\n')), (2, 1), err)
+        self.assertIn("was trained on the classes ['blue', 'green', 'red']", err)
 
     def test_plain_nets_are_recorded_and_rebuilt(self):
         # --plain is part of the setup: weight.json and the checkpoint record it, and --eval,

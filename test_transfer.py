@@ -176,7 +176,8 @@ class TransferTest(ColourFolderCase):
                            (['--pretrained', '--init', 'w.pth'], 'pick one'),
                            (['--pretrained', '--model', 'resnet20'], 'not for resnet20'),
                            (['--pretrained', '--small-input'], 'leave it out'),
-                           (['--pretrained', '--plain'], 'leave it out')):
+                           (['--pretrained', '--plain'], 'leave it out'),
+                           (['--eval', 'w.pth', '--init', 'w.pth'], 'trains nothing')):
             code, _, err = self.train(*argv, out=self.dir / 'w.pth')
             self.assertEqual((code, err.count('\n')), (2, 1), (argv, err))
             self.assertIn(text, err)
