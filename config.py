@@ -21,11 +21,12 @@ PLAIN = False                 # build the ResNet without its shortcuts (the pape
 # Optimisation: the fixed recipe (--recipe fixed, the default)
 RECIPE = 'fixed'              # fixed | article | article+FIX+...: README, "What the recipe buys"
 NUM_EPOCHS = 30               # passes over the training set
+SMALL_FOLDER_EPOCHS = 60      # for a folder of a few hundred images (options.train_defaults)
 BATCH_SIZE = 512              # images per step (ResNet18; the table below has every model's)
 LR = 0.2                      # peak learning rate (SGD); the article used 0.001 with no schedule
 # --batch-size and peak --lr of each --model, and of a ResNet with --small-input; RESULTS.md
 # holds the runs that chose them. A folder of a few hundred images gets a smaller batch
-# (options.batch_size_and_lr); the recipes without the lr fix take ARTICLE_LR.
+# (options.train_defaults); the recipes without the lr fix take ARTICLE_LR.
 TRAIN_DEFAULTS = {
     'resnet18': (BATCH_SIZE, LR),
     'resnet18 --small-input': (256, LR),    # RESULTS.md says why

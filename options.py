@@ -3,6 +3,7 @@ that turn a bad combination into one sentence.
 """
 import argparse
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -90,22 +91,32 @@ def pick_device(name):
     return torch.device(name)
 
 
-def batch_size_and_lr(args, n_train):
-    """--batch-size and --lr, or where left out, the model's row of config.TRAIN_DEFAULTS (the
-    article's lr for a recipe without the lr fix). A folder too small for a dozen batches of the
-    row's size gets a batch that gives it one, down to 16, with the lr scaled alike (but for
-    --freeze: the fc alone takes the row's lr, RESULTS.md); the note says so (else None)."""
+class Defaults(NamedTuple):
+    batch_size: int
+    lr: float
+    epochs: int
+
+
+def train_defaults(args, n_train):
+    """--batch-size, --lr and --epochs, or where left out, the model's row of
+    config.TRAIN_DEFAULTS and config.NUM_EPOCHS (the article's lr for a recipe without the lr
+    fix). A folder with fewer images than a dozen of the row's batches is small: its batch gives
+    it a dozen steps (down to 16), the lr scaled alike (not for --freeze: the fc alone takes the
+    row's), it trains config.SMALL_FOLDER_EPOCHS epochs (RESULTS.md), and a line says so."""
     row_batch, row_lr = config.TRAIN_DEFAULTS[args.model + ' --small-input' * args.small_input]
     if 'lr' not in fixes_of(args.recipe):
         row_lr = config.ARTICLE_LR
-    batch_size, lr, note = args.batch_size or row_batch, args.lr or row_lr, None
-    if args.batch_size is None and n_train < 12 * batch_size:
+    batch_size, lr = args.batch_size or row_batch, args.lr or row_lr
+    if n_train >= 12 * row_batch:
+        return Defaults(batch_size, lr, args.epochs or config.NUM_EPOCHS)
+    if args.batch_size is None:
         batch_size = max(16, 2 ** int(math.log2(max(1, n_train // 12))))
         if args.lr is None and not args.freeze:
             lr = row_lr * batch_size / row_batch
-        note = (f'{n_train} training images: batches of {batch_size}, not {row_batch}, so '
-                f'that an epoch takes {max(1, n_train // batch_size)} steps, at lr {lr:g}')
-    return batch_size, lr, note
+    epochs = args.epochs or config.SMALL_FOLDER_EPOCHS
+    print(f'{n_train} training images, a small folder: {epochs} epochs of '
+          f'{max(1, n_train // batch_size)} batches of {batch_size}, at lr {lr:g}')
+    return Defaults(batch_size, lr, epochs)
 
 
 def eval_batch_size(batch_size=None):
@@ -140,8 +151,9 @@ def build_parser():
                         'to choose the best epoch; the test images choose nothing and are '
                         'measured once, at the end; 0: no validation, the last epoch is kept '
                         '(default: %(default)s)')
-    p.add_argument('--epochs', type=positive(int), default=config.NUM_EPOCHS,
-                   help='passes over the training set (default: %(default)s)')
+    p.add_argument('--epochs', type=positive(int), default=None,
+                   help=f'passes over the training set (default: {config.NUM_EPOCHS}; '
+                        f'{config.SMALL_FOLDER_EPOCHS} for a small folder)')
     p.add_argument('--batch-size', type=positive(int), default=None,
                    help=f'images per step (default: per model, config.TRAIN_DEFAULTS: '
                         f'{default_help("batch_size")}; smaller for a small folder)')

@@ -231,6 +231,17 @@ class TrainTest(ColourFolderCase):
         self.assertEqual(plain['history'][0]['train_loss'], step['history'][0]['train_loss'])
         self.assertIsInstance(step['optimizer']['param_groups'][0]['lr'], float)
 
+    def test_a_small_folder_trains_with_its_own_defaults(self):
+        # 50 training images, fewer than a dozen default batches: the batch, lr and epochs of
+        # options.train_defaults reach the run (its epochs made 2 here, to be quick).
+        with mock.patch.object(config, 'SMALL_FOLDER_EPOCHS', 2):
+            code, out, err = run_main('--data', self.data, '--image-size', 8, '--small-input',
+                                      '--device', 'cpu', '--workers', 1, '--out', self.out)
+        self.assertEqual(code, 0, err)
+        self.assertIn('50 training images, a small folder: 2 epochs of 3 batches of 16', out)
+        self.assertIn(f'2 epochs of 3 batches of 16, peak lr {config.LR * 16 / 256}', out)
+        self.assertEqual(json.loads(self.out.with_suffix('.json').read_text())['epochs'], 2)
+
     def test_the_articles_recipe(self):
         # --recipe article: the article's training (lr 0.001, plain momentum, weight decay 1e-4,
         # no schedule, raw [0, 1] pixels, no augmentation, no label smoothing), on this network.
@@ -280,7 +291,7 @@ class TrainTest(ColourFolderCase):
             self.assertEqual((args.recipe, options.fixes_of(args.recipe)), (recipe, fixes))
         for recipe, lr in (('article+norm', config.ARTICLE_LR), ('article+lr', config.LR)):
             args = options.parse_args(['--recipe', recipe])
-            self.assertEqual(options.batch_size_and_lr(args, 50_000)[1], lr)
+            self.assertEqual(options.train_defaults(args, 50_000).lr, lr)
         # Each fix switches one thing: here weight decay alone, then Nesterov alone.
         model = nn.Linear(2, 2)
         for fixes, nesterov, decay in (({'decay'}, False, config.WEIGHT_DECAY),
@@ -308,13 +319,19 @@ class TrainTest(ColourFolderCase):
         self.assertEqual(count_parameters(train.build_model('resnet56', 10)), 853_018)
 
     def test_defaults_come_from_one_table(self):
-        # --batch-size and --lr left out take the model's row of config.TRAIN_DEFAULTS, which
-        # the parser does not rewrite; an explicit value always wins.
+        # --batch-size, --lr and --epochs left out take the model's row of
+        # config.TRAIN_DEFAULTS and config.NUM_EPOCHS, which the parser does not rewrite; an
+        # explicit value always wins.
         def defaults(*argv, n_train=50_000):
-            return options.batch_size_and_lr(options.parse_args(list(argv)), n_train)
+            with contextlib.redirect_stdout(io.StringIO()) as out:
+                got = options.train_defaults(options.parse_args(list(argv)), n_train)
+            self.note = out.getvalue()
+            return got
 
         args = options.parse_args([])
-        self.assertEqual((args.batch_size, args.lr), (None, None))
+        self.assertEqual((args.batch_size, args.lr, args.epochs), (None, None, None))
+        self.assertEqual(defaults(), (config.BATCH_SIZE, config.LR, config.NUM_EPOCHS))
+        self.assertEqual(self.note, '')
         self.assertEqual(defaults()[:2], (config.BATCH_SIZE, config.LR))
         self.assertEqual(defaults('--model', 'alexnet')[:2], (128, 0.02))  # RESULTS.md
         self.assertEqual(defaults('--model', 'resnet50')[:2], (128, config.LR))
@@ -323,16 +340,18 @@ class TrainTest(ColourFolderCase):
         self.assertEqual(defaults('--small-input')[:2], (256, config.LR))
         for name in ('resnet20', 'resnet56', 'resnet110'):  # the paper's CIFAR-10 nets
             self.assertEqual(defaults('--model', name)[:2], (128, 0.1))
-        self.assertEqual(defaults('--model', 'alexnet', '--batch-size', '64', '--lr', '0.01'),
-                         (64, 0.01, None))
+        self.assertEqual(defaults('--model', 'alexnet', '--batch-size', '64', '--lr', '0.01',
+                                  '--epochs', '3'), (64, 0.01, 3))
         self.assertEqual({k.split()[0] for k in config.TRAIN_DEFAULTS}, set(options.MODELS))
         # A folder of a few hundred images: a dozen batches an epoch, the lr scaled with the
-        # batch, and a line that says so; --batch-size given: as given.
-        batch, lr, note = defaults(n_train=450)
-        self.assertEqual((batch, lr), (32, config.LR * 32 / config.BATCH_SIZE))
-        self.assertIn('450 training images: batches of 32, not 512', note)
+        # batch, more epochs, and a line that says so; what is given stays as given.
+        self.assertEqual(defaults(n_train=450), (32, config.LR * 32 / config.BATCH_SIZE,
+                                                 config.SMALL_FOLDER_EPOCHS))
+        self.assertIn(f'450 training images, a small folder: {config.SMALL_FOLDER_EPOCHS} '
+                      f'epochs of 14 batches of 32', self.note)
         self.assertEqual(defaults(n_train=100)[0], 16)  # never below 16
-        self.assertEqual(defaults('--batch-size', '512', n_train=450), (512, config.LR, None))
+        self.assertEqual(defaults('--batch-size', '512', '--epochs', '5', n_train=450),
+                         (512, config.LR, 5))
         self.assertEqual(defaults('--lr', '0.05', n_train=450)[:2], (32, 0.05))
         self.assertEqual(defaults('--init', 'w.pth', '--freeze', n_train=450)[:2],
                          (32, config.LR))  # the fc alone: the row's lr, unscaled

@@ -225,9 +225,7 @@ def train(args, device):
     t0 = time.perf_counter()
     data = load_data(args, device)
     timings = {'loading data': time.perf_counter() - t0}
-    args.batch_size, args.lr, note = options.batch_size_and_lr(args, len(data.train.labels))
-    if note:
-        print(note)
+    args.batch_size, args.lr, args.epochs = options.train_defaults(args, len(data.train.labels))
     fixes = options.fixes_of(args.recipe)
 
     torch.manual_seed(args.seed)
