@@ -207,6 +207,15 @@ def load_image_folder(root, image_size, workers=0, need_train=True, device=None,
     return train_x, torch.tensor(train_labels), test_x, torch.tensor(test_labels), classes
 
 
+def load_dataset(data_dir, data_root, image_size, workers=0, need_train=True, device=None,
+                 stream=False):
+    """The image folder data_dir (load_image_folder) or, without one, CIFAR-10 in data_root:
+    (train images, train labels, test images, test labels, classes)."""
+    if data_dir:
+        return load_image_folder(data_dir, image_size, workers, need_train, device, stream)
+    return load_cifar10(data_root)
+
+
 def held_size(probe, image_size):
     """The side the images are held (decoded) at. Small square images (CIFAR's 32 px) are
     held at their own size and resized per batch on the device: 224 px training on CIFAR then

@@ -25,8 +25,8 @@ import pictures
 import saving
 import speed
 import train
-from data import IMG_EXTENSIONS, ImageFiles, decode_images, find_images, load_cifar10, \
-    load_image_folder, make_loader, memory_shortfall
+from data import IMG_EXTENSIONS, ImageFiles, decode_images, find_images, load_dataset, \
+    make_loader, memory_shortfall
 from errors import UsageError
 from gradcam import grad_cam
 
@@ -136,10 +136,9 @@ def evaluate(args, device):
     if not args.data and data_dir and not Path(data_dir).is_dir():
         raise UsageError(f'{path} was trained on {data_dir}, which is not there any more; '
                          f'pass --data DIR with its test images')
-    _, _, test_x, test_y, classes = (
-        load_image_folder(data_dir, record.image_size, args.workers, need_train=False,
-                          device=device, stream=args.stream) if data_dir
-        else load_cifar10(args.data_root))
+    _, _, test_x, test_y, classes = load_dataset(data_dir, args.data_root, record.image_size,
+                                                 args.workers, need_train=False, device=device,
+                                                 stream=args.stream)
     if record.classes != list(classes):
         raise UsageError(f'{path} was trained on the classes {record.classes}, '
                          f'but the data has {list(classes)}')

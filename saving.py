@@ -227,8 +227,7 @@ class Run:
                              f'NEW.pth to write elsewhere, or move {self.out} away')
         acc, self.previous_run = prev.valid_acc, prev.run
         self.best = Best(acc, prev.best_epoch, None)
-        self.record.valid_acc, self.record.best_epoch = acc, prev.best_epoch
-        self.record.test_acc = prev.test_acc
+        self.record.test_acc = prev.test_acc  # of those weights, for the report
         if resume:
             return
         if acc is None:
@@ -246,7 +245,7 @@ class Run:
     def keep(self, epoch, valid_acc, params):
         """The new best weights (a copy, not the live state_dict), written at the next save."""
         self.best, self.unsaved = Best(valid_acc, epoch, params), True
-        self.record.valid_acc, self.record.best_epoch, self.record.test_acc = valid_acc, epoch, None
+        self.record.test_acc = None  # not yet measured
 
     def end_epoch(self, row, train_seconds):
         """Add the epoch's row (epoch_row) to the history; write the files every --save-every
@@ -274,6 +273,7 @@ class Run:
             save_torch(self.best.params, self.out)
             self.unsaved = False
         if self.best is not None and self.best.params is not None:
+            self.record.valid_acc, self.record.best_epoch = self.best.valid_acc, self.best.epoch
             self.record.write(self.json)
         if with_checkpoint and self.history:
             save_torch(self.checkpoint(), self.ckpt)

@@ -21,7 +21,7 @@ import train
 from alexnet import AlexNet
 from gradcam import grad_cam
 from resnet import ResNet18
-from test_helpers import make_colour_folder, run_cli, run_main
+from test_helpers import make_colour_folder, run_cli, run_main, train_weights
 
 PNG = b'\x89PNG\r\n\x1a\n'
 
@@ -153,11 +153,7 @@ class PicturesTest(unittest.TestCase):
         cls.tmp = tempfile.TemporaryDirectory()
         root = Path(cls.tmp.name)
         cls.data = make_colour_folder(root / 'colours', n_train=18, n_test=7)
-        cls.weights = root / 'w.pth'
-        code, _, err = run_main('--data', cls.data, '--image-size', 8, '--small-input',
-                                '--lr', 0.01, '--batch-size', 16, '--epochs', 1, '--device', 'cpu',
-                                '--workers', 1, '--out', cls.weights)
-        assert code == 0, err
+        cls.weights = train_weights(cls.data, root / 'w.pth', image_size=8, epochs=1)
 
     @classmethod
     def tearDownClass(cls):

@@ -103,6 +103,15 @@ class ColourFolderCase(unittest.TestCase):
         self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
 
 
+def train_weights(data, out, image_size, epochs):
+    """Train the small-input ResNet18 on a colour folder into out (a fixture); return out."""
+    code, _, err = run_main('--data', data, '--image-size', image_size, '--small-input',
+                            '--lr', 0.01, '--batch-size', 16, '--epochs', epochs, '--device',
+                            'cpu', '--workers', 1, '--out', out)
+    assert code == 0, err
+    return out
+
+
 def run_cli(main, *argv):
     """main(argv) of a script (train.py, predict.py) with stdout and stderr captured:
     (exit code, stdout, stderr)."""

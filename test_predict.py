@@ -13,7 +13,7 @@ import torch
 import data
 import predict
 import speed
-from test_helpers import COLOURS, make_colour_folder, run_cli, run_main
+from test_helpers import COLOURS, make_colour_folder, run_cli, run_main, train_weights
 
 
 def run_predict(*argv):
@@ -28,11 +28,7 @@ class PredictTest(unittest.TestCase):
         root = Path(cls.tmp.name)
         # 12 px images held at 12 px and fed at 16: predict must resize as evaluation does.
         cls.data = make_colour_folder(root / 'colours', size=12)
-        cls.weights = root / 'weight.pth'
-        code, _, err = run_main('--data', cls.data, '--image-size', 16, '--small-input',
-                                '--lr', 0.01, '--batch-size', 16, '--epochs', 2, '--device', 'cpu',
-                                '--workers', 1, '--out', cls.weights)
-        assert code == 0, err
+        cls.weights = train_weights(cls.data, root / 'weight.pth', image_size=16, epochs=2)
 
     @classmethod
     def tearDownClass(cls):

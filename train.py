@@ -24,8 +24,8 @@ import saving
 import speed
 import transfer
 from alexnet import AlexNet
-from data import Data, Loaders, Split, channel_stats, load_cifar10, load_image_folder, \
-    make_loader, split_valid, subset
+from data import Data, Loaders, Split, channel_stats, load_dataset, make_loader, split_valid, \
+    subset
 
 
 class Trainer:
@@ -174,9 +174,8 @@ def load_data(args, device):
     """CIFAR-10, or the image folder --data; the validation images held out of the training
     images; the mean and std of the training images."""
     t0 = time.perf_counter()
-    train_x, train_y, test_x, test_y, classes = (
-        load_image_folder(args.data, args.image_size, args.workers, device=device,
-                          stream=args.stream) if args.data else load_cifar10(args.data_root))
+    train_x, train_y, test_x, test_y, classes = load_dataset(
+        args.data, args.data_root, args.image_size, args.workers, device=device, stream=args.stream)
     # Article: it validated on the test set and kept the epoch best there, so the accuracy it
     # reported was chosen on the images it was measured on. Validation images, held out of the
     # training images, choose here; the test images are measured once, at the end.
