@@ -29,6 +29,7 @@ import layers
 import options
 import saving
 import speed
+import stream
 import train
 from errors import UsageError
 from resnet import ResNet18
@@ -121,7 +122,8 @@ def measure(name, image_size, batch_size, device, precision, steps, repeats, lau
     if launch == 'graph':  # as train.py --no-graph-whole-step does on CUDA
         speed.graph_model(model, inputs, amp_dtype)
     elif launch == 'whole':  # as train.py does on CUDA (its default)
-        trainer.train_step = speed.GraphedStep(trainer, inputs, targets)
+        trainer.train_step = speed.GraphedStep(trainer.train_step, model, optimizer,
+                                               trainer.amp, inputs, targets)
 
     def rate(fn, count):
         sync(device)
@@ -174,10 +176,11 @@ def data_path_rates(device, count, batch_size=128):
                 files.append(str(Path(tmp, f'{held}-{i}.jpg')))
                 img.resize((held, held), Image.BILINEAR).save(files[-1], quality=90)
             rates[f'stream_{px}_img_s'] = loader_rate(
-                data.make_loader(data.ImageFiles(files, px), torch.zeros(n, dtype=torch.long),
-                                 batch_size=batch_size, mean=[0.5] * 3, std=[0.25] * 3,
-                                 image_size=px, train=True, device=device,
-                                 memory_format=speed.memory_format(device)), device)
+                stream.make_loader(stream.ImageFiles(files, px, os.cpu_count() or 1),
+                                   torch.zeros(n, dtype=torch.long), batch_size=batch_size,
+                                   mean=[0.5] * 3, std=[0.25] * 3, image_size=px, train=True,
+                                   device=device, memory_format=speed.memory_format(device)),
+                device)
     return rates
 
 

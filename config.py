@@ -12,6 +12,8 @@ IMAGE_SIZE = 32               # px fed to the model; the article resized to 224 
 CROP_PADDING = 4              # random crop: reflect-pad by this many px, crop back to size
 NUM_WORKERS = 0               # processes that decode an image folder; 0: one per CPU core
 VALID_SPLIT = 0.1             # fraction of the training images held out to choose the best epoch
+TEST_SPLIT = 0.2              # of a folder of class folders alone: the share drawn as test images
+TEST_SEED = 0                 # draws them: the same test images whatever --seed
 
 # Model
 MODEL = 'resnet18'            # the network to train
@@ -54,7 +56,8 @@ ARTICLE_WEIGHT_DECAY = 1e-4   # the article's L2 penalty
 PRETRAINED_IMAGE_SIZE = 224   # px fed with --pretrained: what torchvision's weights learned at
 IMAGENET_MEAN = [0.485, 0.456, 0.406]  # the mean and std torchvision's weights were trained with
 IMAGENET_STD = [0.229, 0.224, 0.225]
-PRETRAINED_LR_FACTOR = 0.1    # lr of the layers that came with the weights, times the peak lr
+PRETRAINED_LR_FACTOR = 0.1    # lr of the layers that came with ImageNet's weights, times the peak lr
+INIT_LR_FACTOR = 0.1          # the same for --init's weights
 
 # Run
 DEVICE = 'auto'               # auto picks cuda, then mps, then cpu

@@ -3,9 +3,7 @@
 Stands in for the article's DataLoader over torchvision's CIFAR10 with PIL transforms
 ("ResNetを用いた画像認識"): CIFAR-10 or any image folder is read once (in parallel), checked,
 and held as one (N, 3, H, W) uint8 tensor; TensorLoader crops, flips, normalises and resizes
-whole batches of it on the device. A folder too large for memory is streamed instead:
-StreamLoader has DataLoader workers decode its batches in every epoch, then treats them as
-TensorLoader does.
+whole batches of it on the device. (A folder too large for memory: stream.py, --stream.)
 """
 import contextlib
 import math
@@ -29,6 +27,39 @@ IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tif
 MEMORY_HEADROOM = 2**30  # bytes of RAM (and GPU memory) kept for the model beside the images
 
 
+class Split(NamedTuple):
+    images: object  # (N, 3, H, W) uint8 tensor (or stream.ImageFiles)
+    labels: torch.Tensor
+
+
+class Images(NamedTuple):
+    """What load_dataset reads: the train and test images (train None unless asked for), the
+    class names, and the share of each class drawn as test images from a folder without a
+    test/ folder (None: the folder had one)."""
+    train: Optional[Split]
+    test: Split
+    classes: list
+    test_split: Optional[float] = None
+
+
+class Data(NamedTuple):
+    """The images a run trains, validates and tests on, their classes, and the mean and std
+    (per colour channel, 0-1 scale) that normalise them."""
+    train: Split
+    valid: Split
+    test: Split
+    classes: list
+    mean: list
+    std: list
+    test_split: Optional[float] = None  # as in Images
+
+
+class Loaders(NamedTuple):
+    train: object
+    valid: Optional[object]  # None with --valid-split 0
+    test: object
+
+
 def load_cifar10(root):
     """CIFAR-10 through torchvision, downloaded into root on first use."""
     import torchvision  # here, not at the top: only this data set needs it (see IMG_EXTENSIONS)
@@ -41,15 +72,11 @@ def load_cifar10(root):
             f'fetch {CIFAR10_URL} on another machine, put cifar-10-python.tar.gz in {root} '
             f'and run again, or train on an image folder with --data DIR') from None
 
-    def to_tensor(ds):  # (N, 32, 32, 3) uint8 array -> (N, 3, 32, 32) tensor
-        return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+    def split(ds):  # (N, 32, 32, 3) uint8 array -> (N, 3, 32, 32) tensor
+        return Split(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),
+                     torch.tensor(ds.targets))
 
-    return (to_tensor(train), torch.tensor(train.targets),
-            to_tensor(test), torch.tensor(test.targets), train.classes)
-
-
-def _class_names(split_dir):
-    return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith('.'))
+    return Images(split(train), split(test), train.classes)
 
 
 def find_images(folder):
@@ -63,14 +90,65 @@ def find_images(folder):
     return found
 
 
-def _list_images(split_dir, classes):
-    """Image paths under split_dir/<class>/, class by class, and their labels."""
-    files, labels = [], []
-    for label, name in enumerate(classes):
-        found = find_images(split_dir / name)
-        files += found
-        labels += [label] * len(found)
-    return files, labels
+class Files(NamedTuple):
+    """An image folder's files, listed and checked (list_image_folder)."""
+    train: list  # of (path, label), empty unless asked for
+    test: list
+    classes: list
+    test_split: Optional[float]  # as in Images
+
+
+def list_image_folder(root, need_train=True, test_split=config.TEST_SPLIT):
+    """The files of an image folder, in torchvision ImageFolder's order: root/train/<class>/*
+    and root/test/<class>/* (or root/val), or, for a folder of class folders alone, its images
+    with `test_split` of each class drawn (seeded, config.TEST_SEED) as the test images."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UsageError(f'data folder {root} does not exist')
+    if not (root / 'train').is_dir():  # your photos, a folder per class: draw the test images
+        classes = class_names(root)
+        files = labelled(root, classes)
+        labels = torch.tensor([label for _, label in files])
+        train_idx, test_idx = split_valid(labels, test_split, config.TEST_SEED)
+        if need_train:
+            print(f'{root} has no train/ and test/ folders: {test_split:.0%} of each class\'s '
+                  f'images, drawn at random, are the test images', flush=True)
+        return Files([files[i] for i in train_idx.tolist()] if need_train else [],
+                     [files[i] for i in test_idx.tolist()], classes, test_split)
+    test_dir = root / 'test' if (root / 'test').is_dir() else root / 'val'
+    if not test_dir.is_dir():
+        raise UsageError(f'{root} has a train/ folder but no test/ (or val/) beside it; add one '
+                         f'with a folder of images per class, or put the class folders '
+                         f'directly in {root} and the test images are drawn from them')
+    classes, test_classes = class_names(root / 'train'), class_names(test_dir)
+    if classes != test_classes:
+        raise UsageError(f'the class folders of {root / "train"} and {test_dir} differ (only in '
+                         f'train: {sorted(set(classes) - set(test_classes))}, only in test: '
+                         f'{sorted(set(test_classes) - set(classes))})')
+    return Files(labelled(root / 'train', classes) if need_train else [],
+                 labelled(test_dir, classes, need_all=False), classes, None)
+
+
+def class_names(folder):
+    """The class folders in folder, sorted; at least two."""
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith('.'))
+    if len(classes) < 2:
+        found = f'one class folder ({classes[0]})' if classes else 'no class folders'
+        raise UsageError(f'{folder} has {found}, and a classifier needs at least two: put each '
+                         f'class\'s images in a folder of its own')
+    return classes
+
+
+def labelled(folder, classes, need_all=True):
+    """(path, label) of the images under folder/<class>/, class by class; every class must
+    have images when need_all, and the folder some."""
+    files = [(f, label) for label, name in enumerate(classes) for f in find_images(folder / name)]
+    found = {label for _, label in files}
+    empty = [name for label, name in enumerate(classes) if label not in found]
+    if not files or need_all and empty:
+        where = folder / empty[0] if files else folder
+        raise UsageError(f'{where} holds no images (read: {", ".join(IMG_EXTENSIONS)})')
+    return files
 
 
 def decode_image(path, size):
@@ -88,20 +166,15 @@ def decode_image(path, size):
         return np.array(img, dtype=np.uint8)  # a writable copy, which torch can take
 
 
-def unreadable(path, e):
-    return f'{path} is not a readable image ({type(e).__name__}: {e}); remove or replace it'
-
-
-def _decode(job):
-    """Decode images into one (n, size, size, 3) uint8 array, or return the sentence naming
-    the first unreadable file. Runs in a worker process."""
-    paths, size = job
+def decode_chunk(paths, size):
+    """Decode images into one (n, size, size, 3) uint8 array, or return the sentence naming the
+    first unreadable file (a worker process returns it rather than raise it)."""
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     for i, path in enumerate(paths):
         try:
             out[i] = decode_image(path, size)
         except Exception as e:
-            return unreadable(path, e)
+            return f'{path} is not a readable image ({type(e).__name__}: {e}); remove or replace it'
     return out
 
 
@@ -110,110 +183,40 @@ def decode_images(files, size, workers, chunk=500):
     `chunk` files into one array, so the main process copies a few arrays, not one per image,
     straight into their place in the one tensor."""
     out = torch.empty((len(files), 3, size, size), dtype=torch.uint8)
-    jobs = [(files[i:i + chunk], size) for i in range(0, len(files), chunk)]
+    starts = range(0, len(files), chunk)
     with contextlib.ExitStack() as stack:
-        if workers > 1 and len(jobs) > 1:
-            pool = stack.enter_context(ProcessPoolExecutor(min(workers, len(jobs))))
-            decoded = pool.map(_decode, jobs)
-        else:
-            decoded = map(_decode, jobs)
-        for i, arr in zip(range(0, len(files), chunk), decoded):
-            if isinstance(arr, str):
-                raise UsageError(arr)
-            out[i:i + len(arr)] = torch.from_numpy(arr).permute(0, 3, 1, 2)  # (n, H, W, C)
+        pool = stack.enter_context(ProcessPoolExecutor(min(workers, len(starts)))) \
+            if workers > 1 and len(starts) > 1 else None
+        decoded = (pool.map if pool else map)(decode_chunk, [files[i:i + chunk] for i in starts],
+                                              [size] * len(starts))
+        for i, part in zip(starts, decoded):
+            if isinstance(part, str):
+                raise UsageError(part)
+            out[i:i + len(part)] = torch.from_numpy(part).permute(0, 3, 1, 2)  # (n, H, W, C)
     return out
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """Image files, decoded one by one when asked (in a DataLoader's worker processes): the
-    article's torchvision ImageFolder, over list_image_folder's files (ImageFolder's own list
-    and order), so that the in-memory and streaming paths read the same images in one order.
-    Every file is decoded by decode_image, upright and at the held size."""
-
-    def __init__(self, files, size):
-        self.files, self.size = files, size
-
-    def __len__(self):
-        return len(self.files)
-
-    @property
-    def shape(self):  # as the tensor of the decoded images would have it
-        return (len(self.files), 3, self.size, self.size)
-
-    def __getitem__(self, i):
-        try:
-            arr = decode_image(self.files[i], self.size)
-        except Exception as e:
-            raise UsageError(unreadable(self.files[i], e)) from None
-        return torch.from_numpy(arr).permute(2, 0, 1)  # (3, size, size) uint8
-
-
-def list_image_folder(root, need_train=True):
-    """The files of an ImageFolder tree, root/train/<class>/* and root/test/<class>/* (or
-    root/val), checked: (train files, train labels, test files, test labels, class names).
-    The train lists are empty unless need_train."""
-    root = Path(root)
-    if not root.is_dir():
-        raise UsageError(f'data folder {root} does not exist')
-    train_dir = root / 'train'
-    test_dir = root / 'test' if (root / 'test').is_dir() else root / 'val'
-    if not train_dir.is_dir() or not test_dir.is_dir():
-        raise UsageError(f'{root} needs a train/ and a test/ (or val/) folder, '
-                         f'each with one folder of images per class')
-    classes, test_classes = _class_names(train_dir), _class_names(test_dir)
-    if not classes:
-        raise UsageError(f'{train_dir} has no class folders; put each class in its own folder')
-    if len(classes) == 1:
-        raise UsageError(f'{train_dir} has one class folder ({classes[0]}), and a classifier '
-                         f'needs at least two; add a folder of images for each other class')
-    if classes != test_classes:
-        only_train = sorted(set(classes) - set(test_classes))
-        only_test = sorted(set(test_classes) - set(classes))
-        raise UsageError(f'the class folders of {train_dir} and {test_dir} differ '
-                         f'(only in train: {only_train}, only in test: {only_test})')
-    train_files, train_labels = _list_images(train_dir, classes) if need_train else ([], [])
-    test_files, test_labels = _list_images(test_dir, classes)
-    empty = sorted(set(range(len(classes))) - set(train_labels)) if need_train else []
-    if empty:
-        raise UsageError(f'{train_dir / classes[empty[0]]} holds no images '
-                         f'(read: {", ".join(IMG_EXTENSIONS)})')
-    if not test_files:
-        raise UsageError(f'{test_dir} holds no images (read: {", ".join(IMG_EXTENSIONS)})')
-    return train_files, train_labels, test_files, test_labels, classes
-
-
-def load_image_folder(root, image_size, workers=0, need_train=True, device=None, stream=False):
-    """An ImageFolder tree (list_image_folder): the train and test images (train None unless
-    need_train), their labels and the class names. The images are one uint8 tensor each,
-    decoded now, or, with stream or when they would not fit in memory (on `device`),
-    ImageFiles to decode batch by batch."""
-    train_files, train_labels, test_files, test_labels, classes = list_image_folder(
-        root, need_train)
-    size = held_size(train_files[0] if need_train else test_files[0], image_size)
-    files = train_files + test_files
-    why_not = memory_shortfall(len(files), size, device)
-    if stream or why_not:
-        print(f'streaming {len(files):,} images from {root}: '
-              f'{why_not or "--stream asks for it"}; decoded in every epoch', flush=True)
-        train_x = ImageFiles(train_files, size) if need_train else None
-        test_x = ImageFiles(test_files, size)
-    else:
-        workers = workers or os.cpu_count() or 1
-        print(f'decoding {len(files):,} images from {root} ({workers} processes)...', flush=True)
-        # One pool (one start of `workers` processes) for both splits.
-        images = decode_images(files, size, workers)
-        train_x = images[:len(train_files)] if need_train else None
-        test_x = images[len(train_files):]
-    return train_x, torch.tensor(train_labels), test_x, torch.tensor(test_labels), classes
-
-
 def load_dataset(data_dir, data_root, image_size, workers=0, need_train=True, device=None,
-                 stream=False):
-    """The image folder data_dir (load_image_folder) or, without one, CIFAR-10 in data_root:
-    (train images, train labels, test images, test labels, classes)."""
-    if data_dir:
-        return load_image_folder(data_dir, image_size, workers, need_train, device, stream)
-    return load_cifar10(data_root)
+                 test_split=config.TEST_SPLIT):
+    """The image folder data_dir or, without one, CIFAR-10 in data_root, as Images: each split
+    decoded now into one uint8 tensor. A folder that would not fit in memory (on `device`) is
+    one sentence: --stream reads it batch by batch instead."""
+    if not data_dir:
+        return load_cifar10(data_root)
+    files = list_image_folder(data_dir, need_train, test_split)
+    paths = [f for f, _ in files.train + files.test]
+    size = held_size(paths[0], image_size)
+    too_large = memory_shortfall(len(paths), size, device)
+    if too_large:
+        raise UsageError(f'the images of {data_dir}, {too_large}; pass --stream to decode them '
+                         f'batch by batch in every epoch instead, or a smaller --image-size')
+    workers = workers or os.cpu_count() or 1
+    print(f'decoding {len(paths):,} images from {data_dir} ({workers} processes)...', flush=True)
+    images = decode_images(paths, size, workers)  # one pool for both splits
+    n = len(files.train)
+    train = Split(images[:n], torch.tensor([y for _, y in files.train])) if need_train else None
+    return Images(train, Split(images[n:], torch.tensor([y for _, y in files.test])),
+                  files.classes, files.test_split)
 
 
 def held_size(probe, image_size):
@@ -224,7 +227,8 @@ def held_size(probe, image_size):
         with Image.open(probe) as img:
             w, h = img.size
     except Exception as e:
-        raise UsageError(unreadable(probe, e)) from None
+        raise UsageError(f'{probe} is not a readable image ({type(e).__name__}: {e}); remove or '
+                         f'replace it') from None
     return w if w == h and w <= image_size else image_size
 
 
@@ -245,42 +249,30 @@ def memory_shortfall(n_images, size, device=None, headroom=MEMORY_HEADROOM):
 
 
 def available_ram():
-    """Bytes of RAM this process can still take, on Linux (the least of what the system and
-    its container allow); None elsewhere."""
-    limits = []
+    """Bytes of RAM this process can still take, on Linux (the least of what the system and,
+    where it sets a limit, its container allow); None elsewhere."""
     try:
         with open('/proc/meminfo') as f:
-            info = dict(line.split(':', 1) for line in f)
-        limits.append(int(info['MemAvailable'].split()[0]) * 1024)  # in kB
+            free = int(dict(line.split(':', 1) for line in f)['MemAvailable'].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return None
-    for limit, usage in (('memory.max', 'memory.current'),  # cgroup v2, then v1
-                         ('memory/memory.limit_in_bytes', 'memory/memory.usage_in_bytes')):
-        try:
-            with open(f'/sys/fs/cgroup/{limit}') as f1, open(f'/sys/fs/cgroup/{usage}') as f2:
-                limits.append(int(f1.read()) - int(f2.read()))
-        except (OSError, ValueError):  # no such cgroup, or 'max' (no limit)
-            pass
-    return min(limits)
+    try:  # a container's limit (cgroup v2), where one is set
+        with open('/sys/fs/cgroup/memory.max') as f1, open('/sys/fs/cgroup/memory.current') as f2:
+            return min(free, int(f1.read()) - int(f2.read()))
+    except (OSError, ValueError):  # no such cgroup, or 'max' (no limit)
+        return free
 
 
-def channel_stats(images, chunk=4096, sample=10_000, workers=1):
-    """Per-channel mean and std (0-1 scale) over every pixel of a uint8 (N, C, H, W) tensor,
-    or, for images to stream (ImageFiles), of a seeded sample of `sample` of them.
+def channel_stats(images, chunk=4096):
+    """Per-channel mean and std (0-1 scale) over every pixel of (N, C, H, W) uint8 images,
+    read `chunk` images at a time (images[i:i + chunk]).
 
     This is the std of all pixels together. The 0.2023/0.1994/0.2010 often quoted for CIFAR-10
     is the mean of per-image stds, which is smaller; the true figures are 0.2470/0.2435/0.2616.
     """
-    if isinstance(images, ImageFiles):
-        picked = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-        files = [images.files[i] for i in sorted(picked[:sample].tolist())]
-        parts = (decode_images(files[i:i + chunk], images.size, workers)
-                 for i in range(0, len(files), chunk))
-    else:
-        parts = (images[i:i + chunk] for i in range(0, len(images), chunk))
     total, total_sq, n = 0, 0, 0
-    for part in parts:
-        x = part.to(torch.float64) / 255
+    for i in range(0, len(images), chunk):
+        x = images[i:i + chunk].to(torch.float64) / 255
         total = total + x.sum(dim=(0, 2, 3))
         total_sq = total_sq + (x * x).sum(dim=(0, 2, 3))
         n += x.numel() / x.shape[1]
@@ -290,10 +282,9 @@ def channel_stats(images, chunk=4096, sample=10_000, workers=1):
 
 
 def split_valid(labels, fraction, seed):
-    """Indices (train, valid) that hold out `fraction` of each class's images for validation,
-    drawn with `seed`: the same images for the same labels, fraction and seed. Every class with
-    two images or more gives at least one, and keeps at least one to train on. fraction 0:
-    every image trains."""
+    """Indices (kept, held out) that hold out `fraction` of each class's images, drawn with
+    `seed`: the same images for the same labels, fraction and seed. Every class with two images
+    or more gives at least one, and keeps at least one. fraction 0: every image is kept."""
     g = torch.Generator().manual_seed(seed)
     train, valid = [], []
     for c in labels.unique().tolist():
@@ -305,43 +296,9 @@ def split_valid(labels, fraction, seed):
     return torch.cat(train).sort().values, torch.cat(valid).sort().values
 
 
-def subset(images, idx):
-    """The images at idx (a tensor of indices): of a uint8 tensor, or of ImageFiles."""
-    if isinstance(images, ImageFiles):
-        return ImageFiles([images.files[i] for i in idx.tolist()], images.size)
-    return images[idx]
-
-
-class Split(NamedTuple):
-    images: object  # (N, 3, H, W) uint8 tensor, or ImageFiles to stream
-    labels: torch.Tensor
-
-
-class Data(NamedTuple):
-    """The images a run trains, validates and tests on, their classes, and the mean and std
-    (per colour channel, 0-1 scale) that normalise them."""
-    train: Split
-    valid: Split
-    test: Split
-    classes: list
-    mean: list
-    std: list
-
-
-class Loaders(NamedTuple):
-    train: object
-    valid: Optional[object]  # None with --valid-split 0
-    test: object
-
-
-def make_loader(images, labels, *, batch_size, mean, std, image_size, train, device,
-                workers=0, **kwargs):
-    """The loader of a data set: TensorLoader for a uint8 tensor (moved to device), or
-    StreamLoader for ImageFiles. Both batch, crop, flip and normalise alike; train=True
-    shuffles and keeps full batches only."""
-    if isinstance(images, ImageFiles):
-        return StreamLoader(images, labels, batch_size, mean, std, image_size, train, device,
-                            workers=workers, **kwargs)
+def make_loader(images, labels, *, batch_size, mean, std, image_size, train, device, **kwargs):
+    """TensorLoader over images (a uint8 tensor, moved to device): batches cropped, flipped
+    and normalised alike; train=True shuffles and keeps full batches only."""
     return TensorLoader(images.to(device), labels, batch_size, mean, std, image_size, train,
                         **kwargs)
 
@@ -395,7 +352,7 @@ class TensorLoader:
         for i in range(len(self)):
             batch = slice(i * b, (i + 1) * b)
             if self.train:
-                x = _gather(self.images, order[batch], rows[batch], cols[batch])
+                x = gather(self.images, order[batch], rows[batch], cols[batch])
             else:
                 x = self.images[batch]
             yield self._finish(x), labels[batch]
@@ -442,74 +399,7 @@ class TensorLoader:
         return x.contiguous(memory_format=self.memory_format)
 
 
-class StreamLoader(TensorLoader):
-    """TensorLoader's batches, for images that are not held in memory: each epoch, DataLoader
-    worker processes decode the images (ImageFiles) batch by batch, in the epoch's order, and
-    the crop, flip and normalisation run on the device as in TensorLoader.
-
-    The article's answer for data of any size: torch.utils.data.DataLoader. Here the order and
-    each sample's crop come from TensorLoader's plan, so both loaders give the same batches.
-    """
-
-    def __init__(self, images, labels, batch_size, mean, std, image_size, train, device,
-                 workers=0, **kwargs):
-        super().__init__(images, labels, batch_size, mean, std, image_size, train,
-                         device=device, **kwargs)
-        workers = workers or os.cpu_count() or 1
-        self.workers = workers if workers > 1 else 0  # 1: decode in this process
-        self.batches = _EpochBatches(batch_size, len(self))
-        self.loader = torch.utils.data.DataLoader(
-            images, batch_sampler=self.batches, num_workers=self.workers,
-            persistent_workers=self.workers > 0, pin_memory=device.type == 'cuda')
-
-    def __iter__(self):
-        order, labels, rows, cols = self._plan()
-        self.batches.order = order.tolist()
-        b = self.batch_size
-        try:
-            for i, x in enumerate(self.loader):
-                x = x.to(self.device, non_blocking=True)  # (B, C, H, W) uint8
-                batch = slice(i * b, (i + 1) * b)
-                if self.train:
-                    x = _gather(x, torch.arange(len(x), device=self.device), rows[batch],
-                                cols[batch])
-                yield self._finish(x), labels[batch]
-        except UsageError as e:
-            self.close()
-            message = str(e)
-            if 'Original Traceback' in message:  # raised in a worker, which adds its traceback
-                message = message.strip().splitlines()[-1].split(': ', 1)[-1]
-            raise UsageError(message) from None
-        except (Exception, KeyboardInterrupt):
-            self.close()
-            raise
-
-    def close(self):
-        """Stop the worker processes now. (Left to the garbage collector after an error, their
-        shutdown can wait 5 s for each.)"""
-        iterator = getattr(self.loader, '_iterator', None)
-        if iterator is not None and hasattr(iterator, '_shutdown_workers'):
-            iterator._shutdown_workers()
-            self.loader._iterator = None
-
-
-class _EpochBatches:
-    """The index lists of a StreamLoader's batches, in the order of its current epoch, which
-    the StreamLoader sets before each epoch. (It holds no reference back to the loader: the
-    two would make a cycle that outlives the loader, into the next workers' processes.)"""
-
-    def __init__(self, batch_size, num_batches):
-        self.batch_size, self.num_batches, self.order = batch_size, num_batches, []
-
-    def __len__(self):
-        return self.num_batches
-
-    def __iter__(self):
-        b = self.batch_size
-        return (self.order[i * b:(i + 1) * b] for i in range(self.num_batches))
-
-
-def _gather(images, idx, rows, cols):
+def gather(images, idx, rows, cols):
     """Images idx, each cropped to its rows and columns, as one gather from a uint8 set."""
     x = images[idx[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
     return x.permute(0, 3, 1, 2)  # (B, C, H, W), stored channels-last

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,8 +26,8 @@ import options
 import saving
 import speed
 import train
-from data import channel_stats, decode_images, held_size, list_image_folder, load_cifar10, \
-    make_loader, memory_shortfall
+from data import Images, Loaders, Split, channel_stats, decode_images, held_size, \
+    list_image_folder, load_cifar10, make_loader, memory_shortfall
 from errors import UsageError
 from resnet import CifarResNet, count_parameters
 
@@ -98,31 +97,36 @@ def blocks_of(depth):
 
 
 def load_subsets(args, device):
-    """A seeded random subset of the training and of the test images, as uint8 tensors, with
-    their labels and the class names."""
+    """A seeded random subset of the training and of the test images, as data.Images of uint8
+    tensors."""
     g = torch.Generator().manual_seed(args.seed)
 
     def pick(n, wanted):
         return torch.randperm(n, generator=g)[:wanted or n].sort().values
 
-    if args.data:
-        train_files, train_y, test_files, test_y, classes = list_image_folder(args.data)
-        train_i, test_i = pick(len(train_files), args.train_images), pick(len(test_files),
-                                                                          args.test_images)
-        size = held_size(train_files[0], IMAGE_SIZE)
-        shortfall = memory_shortfall(len(train_i) + len(test_i), size, device)
-        if shortfall:
-            raise UsageError(f'the images picked, {shortfall}; pass a smaller --train-images')
-        workers = args.workers or os.cpu_count() or 1
-        print(f'decoding {len(train_i) + len(test_i):,} of the images in {args.data} '
-              f'({workers} processes)...', flush=True)
-        train_x = decode_images([train_files[i] for i in train_i], size, workers)
-        test_x = decode_images([test_files[i] for i in test_i], size, workers)
-        return train_x, torch.tensor(train_y)[train_i], test_x, torch.tensor(test_y)[test_i], \
-            classes
-    train_x, train_y, test_x, test_y, classes = load_cifar10(args.data_root)
-    train_i, test_i = pick(len(train_x), args.train_images), pick(len(test_x), args.test_images)
-    return train_x[train_i], train_y[train_i], test_x[test_i], test_y[test_i], classes
+    if not args.data:
+        images = load_cifar10(args.data_root)
+        train_i, test_i = pick(len(images.train.labels), args.train_images), \
+            pick(len(images.test.labels), args.test_images)
+        return Images(Split(*(t[train_i] for t in images.train)),
+                      Split(*(t[test_i] for t in images.test)), images.classes)
+    files = list_image_folder(args.data)
+    train_i, test_i = pick(len(files.train), args.train_images), pick(len(files.test),
+                                                                      args.test_images)
+    size = held_size(files.train[0][0], IMAGE_SIZE)
+    shortfall = memory_shortfall(len(train_i) + len(test_i), size, device)
+    if shortfall:
+        raise UsageError(f'the images picked, {shortfall}; pass a smaller --train-images')
+    workers = args.workers or os.cpu_count() or 1
+    print(f'decoding {len(train_i) + len(test_i):,} of the images in {args.data} '
+          f'({workers} processes)...', flush=True)
+
+    def split(pairs, idx):
+        picked = [pairs[i] for i in idx.tolist()]
+        return Split(decode_images([f for f, _ in picked], size, workers),
+                     torch.tensor([y for _, y in picked]))
+
+    return Images(split(files.train, train_i), split(files.test, test_i), files.classes)
 
 
 def gradient_norms(model, inputs, targets, criterion):
@@ -137,42 +141,31 @@ def gradient_norms(model, inputs, targets, criterion):
     return norms
 
 
-def train_net(depth, plain, loaders, classes, args, device, amp_dtype):
-    """Train one network with train.py's Trainer and recipe; return its record: the train and
-    test error of each epoch, and the gradient norms before and after training."""
-    train_loader, test_loader = loaders
+def train_net(depth, plain, loaders, classes, args, device, amp_dtype, fixes):
+    """Train one network with train.py's Trainer, recipe and epoch loop (train.fit, the test
+    images in the validation's place); return its record: the train and test error of each
+    epoch, and the gradient norms before and after training."""
     torch.manual_seed(args.seed)  # the same initial weights for a net and its plain twin
     model = speed.prepare_model(CifarResNet(blocks_of(depth), len(classes), plain), device)
-    fixes = options.fixes_of(args.recipe)
     optimizer = train.build_optimizer(model, args.lr, device, fixes)
-    scheduler = train.build_schedule(optimizer, args.epochs * len(train_loader), fixes)
-    trainer = train.Trainer(model, optimizer, train.build_criterion(fixes), device, scheduler,
-                            amp_dtype)
-    train_loader.set_epoch(0)  # epoch 0's first batch: the one the gradients are measured on
-    probe = next(iter(train_loader))
+    trainer = train.Trainer(model, optimizer, train.build_criterion(fixes), device,
+                            precision=amp_dtype)
+    trainer.scheduler = train.build_schedule(optimizer, args.epochs * len(loaders.train), fixes)
+    loaders.train.set_epoch(0)  # epoch 0's first batch: the one the gradients are measured on
+    probe = next(iter(loaders.train))
     record = {'net': f'{"plain" if plain else "ResNet"}-{depth}', 'depth': depth,
-              'plain': plain, 'parameters': count_parameters(model), 'train_error': [],
-              'test_error': [], 'seconds': 0.0,
+              'plain': plain, 'parameters': count_parameters(model),
               'gradients_at_init': gradient_norms(model, *probe, trainer.criterion)}
-    if device.type == 'cuda' and config.CUDA_GRAPHS:
-        speed.record_graphs(trainer, train_loader, whole_step=True)
-    for epoch in range(1, args.epochs + 1):
-        t0 = time.perf_counter()
-        train_loader.set_epoch(epoch)
-        train_loss, train_acc = trainer.epoch_train(train_loader)
-        train_time = time.perf_counter() - t0
-        valid_loss, valid_acc = trainer.epoch_valid(test_loader)
-        record['train_error'].append(round(100 - train_acc, 2))
-        record['test_error'].append(round(100 - valid_acc, 2))
-        record['seconds'] += time.perf_counter() - t0
-        print(f'{record["net"]:>10}  ', end='')
-        train.print_epoch(saving.epoch_row(epoch, train_loss, train_acc, valid_loss, valid_acc,
-                                           optimizer.param_groups[0]['lr'], train_time,
-                                           len(train_loader) * args.batch_size / train_time),
-                          args.epochs)
+    trainer.train_step, _, _ = speed.prepare_step(trainer.train_step, model, optimizer,
+                                                  trainer.amp, loaders.train, 'resnet',
+                                                  config.CUDA_GRAPHS, whole_step=True)
+    print(f'{record["net"]}:', flush=True)
+    rows = list(train.fit(trainer, loaders, 1, args))
+    record.update(train_error=[round(100 - r['train_acc'], 2) for r in rows],
+                  test_error=[round(100 - r['valid_acc'], 2) for r in rows],
+                  seconds=round(sum(r['train_seconds'] + r['valid_seconds'] for r in rows), 1))
     vars(trainer).pop('train_step', None)  # the eager step again, if a CUDA graph replaced it
     record['gradients_after'] = gradient_norms(model, *probe, trainer.criterion)
-    record['seconds'] = round(record['seconds'], 1)
     return record
 
 
@@ -236,23 +229,25 @@ def main(argv=None):
             blocks_of(depth)
         device = options.pick_device(args.device)
         amp_dtype = speed.choose_precision(args.precision, device)
-        train_x, train_y, test_x, test_y, classes = load_subsets(args, device)
-        fixes = options.fixes_of(args.recipe)
+        images = load_subsets(args, device)
+        fixes = options.fixes_of(args.recipe)  # the recipe, parsed once
+        train_x, train_y = images.train
         mean, std = channel_stats(train_x) if 'norm' in fixes else ([0.0] * 3, [1.0] * 3)
         common = dict(mean=mean, std=std, image_size=IMAGE_SIZE, device=device,
-                      workers=args.workers, memory_format=speed.memory_format(device))
-        loaders = (make_loader(train_x, train_y, batch_size=args.batch_size, train=True,
-                               seed=args.seed, augment='augment' in fixes, **common),
-                   make_loader(test_x, test_y, batch_size=2 * args.batch_size, train=False,
-                               **common))
-        print(f'{len(train_x):,} train and {len(test_x):,} test images, {len(classes)} classes; '
-              f'{device.type}, {speed.precision_name(amp_dtype)}, {args.epochs} epochs of '
-              f'{len(loaders[0])} batches of {args.batch_size}, peak lr {args.lr}', flush=True)
-        records = [train_net(depth, plain, loaders, classes, args, device, amp_dtype)
-                   for plain in (True, False) for depth in sorted(args.depths)]
-    except UsageError as e:
+                      memory_format=speed.memory_format(device))
+        loaders = Loaders(make_loader(train_x, train_y, batch_size=args.batch_size, train=True,
+                                      seed=args.seed, augment='augment' in fixes, **common),
+                          make_loader(*images.test, batch_size=2 * args.batch_size,
+                                      train=False, **common), None)
+        print(f'{len(train_y):,} train and {len(images.test.labels):,} test images, '
+              f'{len(images.classes)} classes; {device.type}, {speed.precision_name(amp_dtype)}, '
+              f'{args.epochs} epochs of {len(loaders.train)} batches of {args.batch_size}, peak '
+              f'lr {args.lr}', flush=True)
+        records = [train_net(depth, plain, loaders, images.classes, args, device, amp_dtype,
+                             fixes) for plain in (True, False) for depth in sorted(args.depths)]
+    except (UsageError, FloatingPointError) as e:
         print(f'error: {e}', file=sys.stderr)
-        return 2
+        return 2 if isinstance(e, UsageError) else 1
     except KeyboardInterrupt:
         print('\ninterrupted; nothing was written', file=sys.stderr)
         return 130

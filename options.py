@@ -3,7 +3,6 @@ that turn a bad combination into one sentence.
 """
 import argparse
 import math
-from typing import NamedTuple
 
 import torch
 
@@ -91,32 +90,28 @@ def pick_device(name):
     return torch.device(name)
 
 
-class Defaults(NamedTuple):
-    batch_size: int
-    lr: float
-    epochs: int
-
-
 def train_defaults(args, n_train):
     """--batch-size, --lr and --epochs, or where left out, the model's row of
     config.TRAIN_DEFAULTS and config.NUM_EPOCHS (the article's lr for a recipe without the lr
-    fix). A folder with fewer images than a dozen of the row's batches is small: its batch gives
-    it a dozen steps (down to 16), the lr scaled alike (not for --freeze: the fc alone takes the
-    row's), it trains config.SMALL_FOLDER_EPOCHS epochs (RESULTS.md), and a line says so."""
+    fix; with --minutes, the epochs are planned later). A folder with fewer images than a
+    dozen of the row's batches is small: its batch gives it a dozen steps (down to 16), the lr
+    scaled alike (not for --freeze: the fc alone takes the row's), it trains
+    config.SMALL_FOLDER_EPOCHS epochs (RESULTS.md), and a line says so."""
     row_batch, row_lr = config.TRAIN_DEFAULTS[args.model + ' --small-input' * args.small_input]
     if 'lr' not in fixes_of(args.recipe):
         row_lr = config.ARTICLE_LR
     batch_size, lr = args.batch_size or row_batch, args.lr or row_lr
     if n_train >= 12 * row_batch:
-        return Defaults(batch_size, lr, args.epochs or config.NUM_EPOCHS)
+        return batch_size, lr, args.epochs or config.NUM_EPOCHS
     if args.batch_size is None:
         batch_size = max(16, 2 ** int(math.log2(max(1, n_train // 12))))
         if args.lr is None and not args.freeze:
             lr = row_lr * batch_size / row_batch
     epochs = args.epochs or config.SMALL_FOLDER_EPOCHS
-    print(f'{n_train} training images, a small folder: {epochs} epochs of '
+    print(f'{n_train} training images, a small folder: '
+          f'{f"{epochs} epochs" if not args.minutes else "the epochs that fit"} of '
           f'{max(1, n_train // batch_size)} batches of {batch_size}, at lr {lr:g}')
-    return Defaults(batch_size, lr, epochs)
+    return batch_size, lr, epochs
 
 
 def eval_batch_size(batch_size=None):
@@ -138,13 +133,13 @@ def build_parser():
             f'{name}: {what}' for name, what in FIXES.items()) + '.')
     p.add_argument('--data', default=config.DATA_DIR, metavar='DIR',
                    help='ImageFolder tree DIR/train/<class>/*, DIR/test/<class>/* '
-                        '(default: CIFAR-10, downloaded into --data-root; with --eval, the '
-                        'data the weights were trained on)')
+                        '(default: CIFAR-10, downloaded into --data-root); a folder of class '
+                        'folders alone gives some of each class\'s images as test images')
     p.add_argument('--data-root', default=config.DATA_ROOT, metavar='DIR',
                    help='where CIFAR-10 is downloaded or placed (default: %(default)s)')
     p.add_argument('--stream', action='store_true', default=config.STREAM,
-                   help='decode the image folder in worker processes every epoch instead of '
-                        'holding it in memory (taken by itself when it does not fit)')
+                   help='decode the image folder in worker processes in every epoch instead '
+                        'of holding it in memory: for a folder too large for it')
     p.add_argument('--valid-split', type=fraction, default=config.VALID_SPLIT,
                    metavar='FRACTION',
                    help='fraction of each class\'s training images held out (drawn with --seed) '
@@ -154,6 +149,10 @@ def build_parser():
     p.add_argument('--epochs', type=positive(int), default=None,
                    help=f'passes over the training set (default: {config.NUM_EPOCHS}; '
                         f'{config.SMALL_FOLDER_EPOCHS} for a small folder)')
+    p.add_argument('--minutes', type=positive(float), default=None, metavar='M',
+                   help='end within M minutes, from start to the last line (the first download of '
+                        'CIFAR-10 aside): train the epochs that fit, with the lr schedule ending '
+                        'at 0 when they end; instead of --epochs')
     p.add_argument('--batch-size', type=positive(int), default=None,
                    help=f'images per step (default: per model, config.TRAIN_DEFAULTS: '
                         f'{default_help("batch_size")}; smaller for a small folder)')
@@ -168,7 +167,8 @@ def build_parser():
                         f'article+norm+augment (fixes: {", ".join(FIXES)}; default: %(default)s)')
     p.add_argument('--image-size', type=positive(int), default=None, metavar='PX',
                    help=f'side of the square images fed to the model (default: '
-                        f'{config.IMAGE_SIZE}; {config.PRETRAINED_IMAGE_SIZE} with --pretrained)')
+                        f'{config.IMAGE_SIZE}; {config.PRETRAINED_IMAGE_SIZE} with --pretrained, '
+                        f'{AlexNet.MIN_INPUT_SIZE} for alexnet)')
     p.add_argument('--pretrained', nargs='?', const='imagenet', metavar='PATH',
                    help='start from torchvision\'s ImageNet weights (resnet18, resnet34, '
                         'resnet50; downloaded once and cached under TORCH_HOME), or from such '
@@ -181,11 +181,6 @@ def build_parser():
                    help='with --pretrained or --init: train the new fc alone, on the features '
                         'of the frozen network (without it, every layer trains, those that '
                         f'came with the weights at {config.PRETRAINED_LR_FACTOR} x the lr)')
-    add_model_and_run_arguments(p)
-    return p
-
-
-def add_model_and_run_arguments(p):
     p.add_argument('--model', choices=MODELS, default=config.MODEL, metavar='MODEL',
                    help=f'network to train: {", ".join(MODELS)} (default: %(default)s)')
     p.add_argument('--small-input', action='store_true', default=config.SMALL_INPUT,
@@ -203,8 +198,8 @@ def add_model_and_run_arguments(p):
                    help='best weights; .json, .csv, .png and .ckpt go beside it '
                         '(default: %(default)s)')
     p.add_argument('--resume', action='store_true',
-                   help='continue the interrupted run whose checkpoint is beside --out')
-    p.add_argument('--eval', metavar='PATH', help='test saved weights and train nothing')
+                   help='go on with the stopped run whose checkpoint is beside --out, with its '
+                        'own arguments')
     p.add_argument('--workers', type=positive(int, allow_zero=True),
                    default=config.NUM_WORKERS,
                    help='processes decoding an image folder; 0: one per CPU core '
@@ -221,6 +216,7 @@ def add_model_and_run_arguments(p):
     p.add_argument('--save-every', type=positive(float, allow_zero=True),
                    default=config.SAVE_EVERY, metavar='SECONDS',
                    help='seconds between writes of weights and checkpoint (default: %(default)s)')
+    return p
 
 
 def parse_args(argv=None):
@@ -228,26 +224,34 @@ def parse_args(argv=None):
 
 
 def default_image_size(args):
-    return config.PRETRAINED_IMAGE_SIZE if args.pretrained else config.IMAGE_SIZE
+    """The size fed to the model when --image-size is left out: what torchvision's weights
+    learned at, for --pretrained; the smallest AlexNet takes; else config.IMAGE_SIZE."""
+    if args.pretrained:
+        return config.PRETRAINED_IMAGE_SIZE
+    return AlexNet.MIN_INPUT_SIZE if args.model == 'alexnet' else config.IMAGE_SIZE
 
 
 def check_args(args):
+    """One sentence for a combination of arguments that cannot be."""
     check_start(args)
     if args.model == 'alexnet':
         if args.small_input or args.plain:
             flag = '--small-input changes the ResNet stem' if args.small_input else \
                 '--plain removes the ResNet\'s shortcuts'
             raise UsageError(f'{flag}; AlexNet has none to change')
-        if (args.image_size or config.IMAGE_SIZE) < AlexNet.MIN_INPUT_SIZE:
-            raise UsageError(f'--image-size {args.image_size or config.IMAGE_SIZE} is too small '
-                             f'for AlexNet, which '
-                             f'needs at least {AlexNet.MIN_INPUT_SIZE} px; '
-                             f'try --image-size {AlexNet.MIN_INPUT_SIZE} or more')
+        if args.image_size and args.image_size < AlexNet.MIN_INPUT_SIZE:
+            raise UsageError(f'--image-size {args.image_size} is too small for AlexNet, which '
+                             f'needs at least {AlexNet.MIN_INPUT_SIZE} px; leave it out, or pass '
+                             f'{AlexNet.MIN_INPUT_SIZE} or more')
     if args.model in resnet.CIFAR_RESNETS and args.small_input:
         raise UsageError(f'--small-input swaps the ImageNet stem for a 3x3 conv, and '
                          f'{args.model}, a CIFAR-10 network, has that stem already; leave it out')
-    if args.resume and args.eval:
-        raise UsageError('--resume continues training and --eval trains nothing; pick one')
+    if args.minutes and args.epochs:
+        raise UsageError('--minutes plans the epochs that fit in the time, and --epochs names '
+                         'them; pick one')
+    if args.stream and not args.data:
+        raise UsageError('--stream reads an image folder (--data DIR) batch by batch; CIFAR-10 '
+                         'is small enough to hold in memory: leave it out')
     if args.graph_whole_step and not args.cuda_graphs:
         raise UsageError('--graph-whole-step records a CUDA graph and --no-cuda-graphs turns '
                          'them off; pick one')
@@ -255,9 +259,6 @@ def check_args(args):
 
 def check_start(args):
     """--pretrained, --init and --freeze: one sentence for a combination that cannot be."""
-    if args.eval and (args.pretrained or args.init or args.freeze):
-        raise UsageError('--eval tests saved weights and trains nothing; --pretrained, --init '
-                         'and --freeze say how training starts: leave them out')
     if args.pretrained and args.init:
         raise UsageError('--pretrained starts from ImageNet\'s weights and --init from a file '
                          'of yours; pick one')
@@ -272,6 +273,31 @@ def check_start(args):
     if args.small_input or args.plain:
         raise UsageError(f'{"--small-input" if args.small_input else "--plain"} changes the '
                          f'network that the ImageNet weights were trained as; leave it out')
+
+
+# How a resumed run goes on, not what it computes: these may differ from the checkpoint's.
+FREE_ON_RESUME = ('resume', 'out', 'device', 'workers', 'save_every', 'cuda_graphs',
+                  'graph_whole_step')
+
+
+def given(argv=None):
+    """The options argv names, with their values: those left out are not there. (A namespace
+    that has an attribute already does not get the option's default.)"""
+    p, unset = build_parser(), object()
+    names = argparse.Namespace(**dict.fromkeys(vars(p.parse_args([])), unset))
+    return {k: v for k, v in vars(p.parse_args(argv, names)).items() if v is not unset}
+
+
+def resumed(args, given, saved):
+    """--resume: the checkpoint's own arguments (saved), but FREE_ON_RESUME's from args; one
+    sentence for an argument given that contradicts the checkpoint's."""
+    for key, value in given.items():
+        if key not in FREE_ON_RESUME and value != saved.get(key):
+            flag = '--' + key.replace('_', '-')
+            raise UsageError(f'{flag} {value} contradicts the run being resumed ({flag} '
+                             f'{saved.get(key)}); leave it out: --resume goes on with the run\'s '
+                             f'own arguments')
+    return argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in FREE_ON_RESUME}})
 
 
 def describe(args):

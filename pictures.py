@@ -1,7 +1,7 @@
 """Pictures of what a trained network learned, drawn with PIL alone (no matplotlib needed).
 
 cam_picture: a photo as fed, its Grad-CAM heat map over it, and the top classes. The rest come
-from `python train.py --eval weight.pth`: the confusion matrix (also as CSV), the test images
+from `python predict.py --test`: the confusion matrix (also as CSV), the test images
 the network got wrong with the highest confidence, and the filters of its first conv layer.
 """
 import csv
@@ -166,8 +166,7 @@ def write_eval_files(path, confusion, model, probs, classes, images, labels):
     idx, predicted, confidence = most_confident_mistakes(probs, labels)
     if len(idx) == 0:
         return lines + ['every test image was classified right: no mistakes to draw']
-    shown = images[idx] if isinstance(images, torch.Tensor) else \
-        torch.stack([images[i] for i in idx.tolist()])
+    shown = torch.stack([images[i] for i in idx.tolist()])  # held in memory, or streamed
     save_png(mistakes_picture(shown, labels[idx], predicted, confidence, classes),
              f'{stem}.mistakes.png')
     return lines + [f'wrote {stem}.mistakes.png (the {len(idx)} test images it got wrong with '

@@ -168,24 +168,20 @@ def prepare_model(model, device):
     return model.to(device, memory_format=memory_format(device))
 
 
-def prepare_trainer(trainer, loader, args, timings):
-    """What changes how the training step runs, said in words for the run's header: on the
-    CPU, the one-pixel route; on CUDA, cuDNN's timing of its kernels and the CUDA graphs (the
-    seconds they take to record go in timings)."""
-    device, how, t0 = trainer.device, [], time.perf_counter()
-    if device.type == 'cpu':
-        how.append(ONE_PIXEL_ROUTE)
+def prepare_step(step, model, optimizer, scaler, loader, model_name, graphs=True,
+                 whole_step=None):
+    """The training step to use, how it runs (in words, for the run's header) and the seconds
+    spent recording it: on the CPU, the one-pixel route (prepare_model put it in); on CUDA,
+    cuDNN's timing of its kernels and the step recorded as CUDA graphs (record_graphs; not for
+    AlexNet, whose few large kernels keep a GPU busy already, and whose dropout draws random
+    numbers). `scaler` is the Trainer's MixedPrecision, on the training device."""
+    device, t0 = scaler.device, time.perf_counter()
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True  # time cuDNN's algorithms once per shape
-    if use_cuda_graphs(args, device):
-        how.append(record_graphs(trainer, loader, args.graph_whole_step))
-        timings['recording CUDA graphs'] = time.perf_counter() - t0
-    return ', '.join(how) or 'eager'
-
-
-def use_cuda_graphs(args, device):
-    # AlexNet's few large kernels keep a GPU busy already, and its dropout draws random numbers.
-    return args.cuda_graphs and device.type == 'cuda' and args.model != 'alexnet'
+    if device.type != 'cuda' or not graphs or model_name == 'alexnet':
+        return step, ONE_PIXEL_ROUTE if device.type == 'cpu' else 'eager', 0.0
+    graphed, how = record_graphs(step, model, optimizer, scaler, loader, whole_step)
+    return graphed or step, how, time.perf_counter() - t0
 
 
 def graph_model(model, sample, amp_dtype):
@@ -221,19 +217,20 @@ def can_graph_whole_step(amp_dtype):
 
 
 class GraphedStep:
-    """CUDA only: the Trainer's train_step (forward, loss, backward, SGD update) recorded as one
-    CUDA graph, replayed for each batch; `trainer.train_step = GraphedStep(...)` puts it in the
-    step's place. Recording runs the step `warmup` times (cuDNN picks kernels, SGD makes its
-    momentum), then puts weights, BatchNorm statistics and momentum back: replays train as
-    train_step would. The graph reads the lr from tensors set at each call. A call's outputs
-    live in the graph's memory until the next call; the loss is copied."""
+    """CUDA only: a training step (forward, loss, backward, SGD update: the Trainer's
+    train_step) recorded as one CUDA graph, replayed for each batch; `trainer.train_step =
+    GraphedStep(...)` puts it in the step's place. Recording runs the step `warmup` times
+    (cuDNN picks kernels, SGD makes its momentum), then puts weights, BatchNorm statistics and
+    momentum back: replays train as the step would. The graph reads the lr from tensors set at
+    each call. A call's outputs live in the graph's memory until the next call; the loss is
+    copied."""
 
-    def __init__(self, trainer, inputs, targets, warmup=3):
-        self.trainer, self.warmup = trainer, warmup
-        self.eager_step = trainer.train_step  # the step it records
-        trainer.model.train()  # BatchNorm as in training: the graph replays what it records
+    def __init__(self, step, model, optimizer, scaler, inputs, targets, warmup=3):
+        self.model, self.optimizer, self.warmup = model, optimizer, warmup
+        self.eager_step = step  # the step it records
+        model.train()  # BatchNorm as in training: the graph replays what it records
         self.inputs, self.targets = inputs.clone(), targets.clone()  # the fixed input buffers
-        self.groups = trainer.optimizer.param_groups
+        self.groups = optimizer.param_groups
         # One lr tensor per parameter group, in the weights' dtype (float32 on CUDA, which is
         # what fused SGD reads there).
         self.lrs = [torch.tensor(float(g['lr']), dtype=g['params'][0].dtype, device=inputs.device)
@@ -241,12 +238,12 @@ class GraphedStep:
         self.loss = self.outputs = None
         state = self._state()
         saved = [t.detach().clone() for t in state]
-        trainer.amp.cache = False
+        scaler.cache = False  # autocast's weight cache: off while a CUDA graph records
         try:
             with self._lr_from_tensors():
                 self._replay = self._record(self._step)
         finally:
-            trainer.amp.cache = True
+            scaler.cache = True
         with torch.no_grad():
             for t, s in zip(state, saved):
                 t.copy_(s)
@@ -268,7 +265,7 @@ class GraphedStep:
     def _state(self):
         """What a step changes besides the gradients: the weights, the model's buffers, then
         the momentum buffers that exist."""
-        model, optimizer = self.trainer.model, self.trainer.optimizer
+        model, optimizer = self.model, self.optimizer
         momentum = [optimizer.state[p]['momentum_buffer'] for g in self.groups
                     for p in g['params'] if optimizer.state[p].get('momentum_buffer') is not None]
         return [*model.parameters(), *model.buffers(), *momentum]
@@ -295,24 +292,24 @@ class GraphedStep:
             for _ in range(self.warmup):
                 step()
         torch.cuda.current_stream().wait_stream(stream)
-        self.trainer.optimizer.zero_grad(set_to_none=True)  # the graph makes its own gradients
+        self.optimizer.zero_grad(set_to_none=True)  # the graph makes its own gradients
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):
             step()
         return graph.replay
 
 
-def record_graphs(trainer, loader, whole_step=None):
+def record_graphs(step, model, optimizer, scaler, loader, whole_step=None):
     """CUDA only: record the training step on the first train batch, as one graph of the whole
     step (GraphedStep; whole_step None: config.GRAPH_WHOLE_STEP) or as the model's graphs
-    (graph_model); return how the step now runs, for the run's header line."""
+    (graph_model, in place); return (the new step or None, how the step now runs)."""
     whole_step = config.GRAPH_WHOLE_STEP if whole_step is None else whole_step
     inputs, targets = next(iter(loader))
-    if whole_step and can_graph_whole_step(trainer.amp.dtype):
-        trainer.train_step = GraphedStep(trainer, inputs, targets)
-        return 'the whole step as a CUDA graph'
+    if whole_step and can_graph_whole_step(scaler.dtype):
+        return (GraphedStep(step, model, optimizer, scaler, inputs, targets),
+                'the whole step as a CUDA graph')
     if whole_step:
         print('the whole step is not graphed in fp16 (its loss scaling is not recorded): '
               'recording the model\'s forward and backward instead')
-    graph_model(trainer.model, inputs, trainer.amp.dtype)
-    return 'the model as CUDA graphs'
+    graph_model(model, inputs, scaler.dtype)
+    return None, 'the model as CUDA graphs'

@@ -59,9 +59,9 @@ class BenchmarkTest(unittest.TestCase):
         made = []
 
         class Made(EagerGraphedStep):
-            def __init__(self, trainer, inputs, targets):
+            def __init__(self, step, model, optimizer, scaler, inputs, targets):
                 made.append(tuple(inputs.shape))
-                super().__init__(trainer, inputs, targets)
+                super().__init__(step, model, optimizer, scaler, inputs, targets)
 
         with mock.patch.object(speed, 'GraphedStep', Made):
             r = benchmark.measure('resnet18', 16, 4, torch.device('cpu'), 'fp32', 2, 1, 'whole',

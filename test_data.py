@@ -1,8 +1,5 @@
-"""Tests for data.py: decoding, channel statistics, the batched tensor data path that
-replaces the article's per-image PIL transforms, and the streaming path for folders too big for
-memory."""
-import contextlib
-import io
+"""Tests for data.py: listing and decoding an image folder, channel statistics, and the batched
+tensor data path that replaces the article's per-image PIL transforms."""
 import tempfile
 import unittest
 from pathlib import Path
@@ -14,7 +11,6 @@ from PIL import Image
 
 import data
 from errors import UsageError
-from test_helpers import make_colour_folder
 
 # The loader arguments the tests below share.
 LOADER = dict(batch_size=4, mean=[0.5] * 3, std=[0.2] * 3, image_size=8, device=torch.device('cpu'))
@@ -134,7 +130,7 @@ class DataPathTest(unittest.TestCase):
         no, yes = torch.zeros(4, dtype=torch.bool), torch.ones(4, dtype=torch.bool)
 
         def crop(shift, flip):
-            return data._gather(images, idx, *loader._crop_windows(shift, flip))
+            return data.gather(images, idx, *loader._crop_windows(shift, flip))
         self.assertTrue(torch.equal(crop(centre, no), images))
         self.assertTrue(torch.equal(crop(centre, yes), images.flip(3)))
         padded = nn.functional.pad(images.float(), (4, 4, 4, 4), mode='reflect')
@@ -210,6 +206,25 @@ class DataPathTest(unittest.TestCase):
                          [(2, 3, 20, 20), (2, 3, 20, 20), (1, 3, 20, 20)])
 
 
+    def test_the_files_and_labels_are_imagefolders(self):
+        # The article's torchvision ImageFolder lists each class folder by folder, a folder's
+        # files before its subfolders', each sorted: D.PNG, b, c, then a/z. One sort of the
+        # whole paths would give D.PNG, a/z, b, c.
+        import torchvision
+        with tempfile.TemporaryDirectory() as tmp:
+            for path in ('train/cat/b.png', 'train/cat/a/z.png', 'train/cat/c.png',
+                         'train/cat/D.PNG', 'train/dog/x.png', 'train/dog/notes.txt',
+                         'test/cat/t.png', 'test/dog/u.png'):
+                Path(tmp, path).parent.mkdir(parents=True, exist_ok=True)
+                Image.new('RGB', (4, 4)).save(Path(tmp, path), format='PNG')
+            files = data.list_image_folder(tmp)
+            want = torchvision.datasets.ImageFolder(Path(tmp, 'train'))
+        self.assertEqual([Path(f).name for f, _ in files.train], ['D.PNG', 'b.png', 'c.png',
+                                                                  'z.png', 'x.png'])
+        self.assertEqual(files.train, want.samples)
+        self.assertEqual(files.classes, want.classes)
+
+
 class ValidSplitTest(unittest.TestCase):
     """The validation images that choose the best epoch, held out of the training images."""
 
@@ -228,96 +243,6 @@ class ValidSplitTest(unittest.TestCase):
         self.assertFalse(torch.equal(valid, data.split_valid(labels, 0.1, seed=1)[1]))
         train, valid = data.split_valid(labels, 0.0, seed=0)
         self.assertEqual((len(train), len(valid)), (len(labels), 0))
-
-    def test_a_subset_of_files_is_the_same_images(self):
-        with tempfile.TemporaryDirectory() as tmp:
-            root = make_colour_folder(Path(tmp, 'c'), n_train=4, n_test=1)
-            files, _, _, _, _ = data.list_image_folder(root)
-            idx = torch.tensor([0, 3, 7])
-            held = data.decode_images(files, 8, workers=1)
-            picked = data.subset(data.ImageFiles(files, 8), idx)
-            self.assertEqual(picked.files, [files[i] for i in (0, 3, 7)])
-            self.assertTrue(torch.equal(data.subset(held, idx),
-                                        torch.stack([picked[i] for i in range(3)])))
-
-
-class StreamTest(unittest.TestCase):
-    """The streaming path: ImageFiles decoded by DataLoader workers, batch by batch."""
-
-    @classmethod
-    def setUpClass(cls):
-        cls.tmp = tempfile.TemporaryDirectory()
-        cls.root = make_colour_folder(Path(cls.tmp.name, 'colours'), n_train=6, n_test=4)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.tmp.cleanup()
-
-    def both(self, workers=1):
-        """The folder's train split in memory and as files to stream."""
-        with contextlib.redirect_stdout(io.StringIO()):  # 'decoding ...', 'streaming ...'
-            loaded = data.load_image_folder(self.root, 8, workers=1)
-            streamed = data.load_image_folder(self.root, 8, workers=1, stream=True)
-        self.assertIsInstance(streamed[0], data.ImageFiles)
-        return loaded, streamed
-
-    def test_both_paths_give_the_same_batches(self):
-        # The same labels in the same order, the same images before augmentation, and, as the
-        # epoch plan is shared, the same crops and flips after it.
-        (images, labels, *_), (files, labels2, *_) = self.both()
-        self.assertTrue(torch.equal(labels, labels2))
-        self.assertEqual(files.shape, tuple(images.shape))
-        for augment in (False, True):
-            for workers in (1, 2):  # in this process, and in 2 worker processes
-                a = data.make_loader(images, labels, train=True, augment=augment, seed=3,
-                                     **LOADER)
-                b = data.make_loader(files, labels, train=True, workers=workers,
-                                     augment=augment, seed=3, **LOADER)
-                self.assertIsInstance(b, data.StreamLoader)
-                for epoch in (1, 2):
-                    a.set_epoch(epoch)
-                    b.set_epoch(epoch)
-                    batches = list(zip(a, b))
-                    self.assertEqual(len(batches), len(a))
-                    for (xa, ya), (xb, yb) in batches:
-                        self.assertTrue(torch.equal(xa, xb) and torch.equal(ya, yb))
-        # Evaluation: every image once, in order.
-        a = data.make_loader(images, labels, train=False, **LOADER)
-        b = data.make_loader(files, labels, train=False, **LOADER)
-        for (xa, ya), (xb, yb) in zip(a, b):
-            self.assertTrue(torch.equal(xa, xb) and torch.equal(ya, yb))
-        self.assertEqual(data.channel_stats(files), data.channel_stats(images))
-
-    def test_the_files_and_labels_are_imagefolders(self):
-        # The article's torchvision ImageFolder lists each class folder by folder, a folder's
-        # files before its subfolders', each sorted: D.PNG, b, c, then a/z. One sort of the
-        # whole paths would give D.PNG, a/z, b, c.
-        import torchvision
-        with tempfile.TemporaryDirectory() as tmp:
-            for path in ('train/cat/b.png', 'train/cat/a/z.png', 'train/cat/c.png',
-                         'train/cat/D.PNG', 'train/dog/x.png', 'train/dog/notes.txt',
-                         'test/cat/t.png', 'test/dog/u.png'):
-                Path(tmp, path).parent.mkdir(parents=True, exist_ok=True)
-                Image.new('RGB', (4, 4)).save(Path(tmp, path), format='PNG')
-            files, labels, _, _, classes = data.list_image_folder(tmp)
-            want = torchvision.datasets.ImageFolder(Path(tmp, 'train'))
-        self.assertEqual([Path(f).name for f in files], ['D.PNG', 'b.png', 'c.png', 'z.png',
-                                                         'x.png'])
-        self.assertEqual(list(zip(files, labels)), want.samples)
-        self.assertEqual(classes, want.classes)
-
-    def test_an_unreadable_image_is_one_sentence_from_a_worker(self):
-        files = data.ImageFiles([str(p) for p in sorted(Path(self.root, 'test').rglob('*.png'))],
-                                8)
-        broken = Path(self.tmp.name, 'broken.png')
-        broken.write_bytes(b'not a png')
-        files.files[5] = str(broken)
-        loader = data.make_loader(files, torch.zeros(len(files.files), dtype=torch.long),
-                                  train=False, workers=2, **LOADER)
-        with self.assertRaises(UsageError) as caught:
-            list(loader)
-        self.assertEqual(str(caught.exception).count('\n'), 0)
-        self.assertTrue(str(caught.exception).startswith(f'{broken} is not a readable image'))
 
 
 class OrientationTest(unittest.TestCase):

@@ -1,5 +1,6 @@
 """Tests for gradcam.py and pictures.py: Grad-CAM against a hand computation and on a task whose
-evidence sits in a known place; the confusion matrix, mistakes and filters of --eval; --cam."""
+evidence sits in a known place; the confusion matrix, mistakes and filters of predict.py
+--test; --cam."""
 import csv
 import json
 import re
@@ -21,7 +22,7 @@ import train
 from alexnet import AlexNet
 from gradcam import grad_cam
 from resnet import ResNet18
-from test_helpers import make_colour_folder, run_cli, run_main, train_weights
+from test_helpers import make_colour_folder, run_cli, train_weights
 
 PNG = b'\x89PNG\r\n\x1a\n'
 
@@ -145,7 +146,7 @@ class ConfusionTest(unittest.TestCase):
 
 
 class PicturesTest(unittest.TestCase):
-    """--eval's confusion matrix, mistakes and filters, and predict.py --cam, on a small
+    """predict.py --test's confusion matrix, mistakes and filters, and --cam, on a small
     colour folder."""
 
     @classmethod
@@ -159,9 +160,10 @@ class PicturesTest(unittest.TestCase):
     def tearDownClass(cls):
         cls.tmp.cleanup()
 
-    def test_eval_prints_and_writes_the_confusion_matrix_and_pictures(self):
+    def test_test_prints_and_writes_the_confusion_matrix_and_pictures(self):
         with mock.patch.dict(sys.modules, {'matplotlib': None}):  # not needed: PIL draws
-            code, out, err = run_main('--eval', self.weights, '--device', 'cpu', '--workers', 1)
+            code, out, err = run_cli(predict.main, '--test', '--weights', self.weights,
+                                     '--device', 'cpu', '--workers', 1)
         self.assertEqual(code, 0, err)
         acc = float(re.search(r'test accuracy (\d+\.\d+)%', out).group(1))
         with open(self.weights.with_suffix('.confusion.csv'), newline='') as f:
@@ -186,9 +188,13 @@ class PicturesTest(unittest.TestCase):
     def test_cam_writes_one_picture_per_image(self):
         out_dir = Path(self.tmp.name, 'cams')
         folder = Path(self.data, 'test')  # red/000.png, blue/000.png, ...: the same names
-        code, out, err = run_cli(predict.main, folder, '--weights', self.weights, '--cam',
-                                 out_dir, '--device', 'cpu')
+        with mock.patch.object(pictures, 'cam_picture', side_effect=pictures.cam_picture) as drawn:
+            code, out, err = run_cli(predict.main, folder, '--weights', self.weights, '--cam',
+                                     out_dir, '--device', 'cpu')
         self.assertEqual(code, 0, err)
+        # Each picture is captioned with its image's folder (here the class) and name.
+        self.assertEqual(sorted(call.args[3] for call in drawn.call_args_list),
+                         sorted(f'{p.parent.name}/{p.name}' for p in folder.rglob('*.png')))
         written = sorted(p.name for p in out_dir.iterdir())
         self.assertEqual(written, sorted(f'{p.parent.name}_{p.stem}.cam.png'
                                          for p in folder.rglob('*.png')))

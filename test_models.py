@@ -19,8 +19,9 @@ from resnet import ResNet18, ResNet34, ResNet50, count_parameters
 from test_helpers import HERE, run_script
 
 # The other test files; `python -m unittest test_models` runs them too.
-TEST_FILES = ('test_data', 'test_speed', 'test_train', 'test_predict', 'test_benchmark',
-              'test_degradation', 'test_gradcam', 'test_transfer', 'test_saving', 'test_docs')
+TEST_FILES = ('test_data', 'test_stream', 'test_speed', 'test_train', 'test_budget',
+              'test_predict', 'test_benchmark', 'test_degradation', 'test_gradcam',
+              'test_transfer', 'test_saving', 'test_docs')
 
 
 def load_tests(loader, tests, pattern):

@@ -14,7 +14,6 @@ import torchvision
 
 import data
 import layers
-import options
 import speed
 import train
 from resnet import ResNet18
@@ -98,7 +97,7 @@ class SpeedTest(unittest.TestCase):
             model = nn.Sequential(layers.conv3x3(3, 8), nn.BatchNorm2d(8), nn.ReLU(),
                                   nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).double()
             optimizer = train.build_optimizer(model, 0.02, torch.device('cpu'))
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train.warmup_linear(4, 0.5))
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train.WarmupLinear(4, 0.5))
             return train.Trainer(model, optimizer, train.build_criterion(), scheduler=scheduler)
 
         g = torch.Generator().manual_seed(1)
@@ -111,7 +110,9 @@ class SpeedTest(unittest.TestCase):
                 for inputs, targets in batches[:start]:
                     t.train_step(inputs, targets)
                     t.scheduler.step()
-            graphed.train_step = EagerGraphedStep(graphed, *batches[start], warmup=2)
+            graphed.train_step = EagerGraphedStep(graphed.train_step, graphed.model,
+                                                  graphed.optimizer, graphed.amp,
+                                                  *batches[start], warmup=2)
             for inputs, targets in batches[start:]:
                 loss, outputs = plain.train_step(inputs, targets)
                 plain.scheduler.step()
@@ -128,11 +129,22 @@ class SpeedTest(unittest.TestCase):
             self.assertIsInstance(graphed.optimizer.param_groups[0]['lr'], float)
 
     def test_cuda_graphs_only_for_resnets_on_cuda(self):
-        cuda, cpu = torch.device('cuda'), torch.device('cpu')
-        self.assertTrue(speed.use_cuda_graphs(options.parse_args([]), cuda))
-        self.assertFalse(speed.use_cuda_graphs(options.parse_args([]), cpu))
-        self.assertFalse(speed.use_cuda_graphs(options.parse_args(['--no-cuda-graphs']), cuda))
-        self.assertFalse(speed.use_cuda_graphs(options.parse_args(['--model', 'alexnet']), cuda))
+        # On the CPU the step is the plain one (the one-pixel route is in the model); on CUDA
+        # a ResNet's is recorded, unless --no-cuda-graphs; AlexNet's never is.
+        cpu, step = torch.device('cpu'), object()
+        with mock.patch.object(speed, 'record_graphs', return_value=(None, 'graphed')) as rec:
+            self.assertEqual(speed.prepare_step(step, None, None, speed.MixedPrecision(cpu),
+                                                None, 'resnet18'),
+                             (step, speed.ONE_PIXEL_ROUTE, 0.0))
+            with mock.patch.object(speed.MixedPrecision, '__init__', return_value=None):
+                cuda = speed.MixedPrecision('cuda')
+            cuda.device, cuda.dtype = torch.device('cuda'), None
+            for name, graphs, how in (('resnet18', True, 'graphed'), ('resnet18', False, 'eager'),
+                                      ('alexnet', True, 'eager')):
+                got, said, _ = speed.prepare_step(step, None, None, cuda, None, name, graphs)
+                self.assertEqual((got, said), (step, how), (name, graphs))
+        self.assertEqual(rec.call_count, 1)
+        torch.backends.cudnn.benchmark = False
 
     def test_fp32_asks_for_no_autocast(self):
         # fp32 (CPU, Apple's mps) runs without torch.autocast: before torch 2.5 even a disabled

@@ -1,10 +1,9 @@
-"""Tests for train.py (and saving.py) end to end, on a small generated image folder, on the CPU.
+"""Tests for train.py end to end, on a small generated image folder, on the CPU.
 
 Each of the article's bugs in the training script has a test here that fails on the article's
 code (README, "The article's code, corrected"). No test touches the network.
 """
 import contextlib
-import copy
 import csv
 import io
 import json
@@ -28,12 +27,32 @@ import options
 import saving
 import speed
 import train
-from resnet import ResNet18, ResNet34, count_parameters
+from resnet import ResNet18, count_parameters
 from test_helpers import COLOURS, ColourFolderCase, EagerGraphedStep, make_colour_folder, \
     run_main, run_script
 
 CPU = torch.device('cpu')
 AUTO = speed.choose_precision('auto', CPU)  # what --precision auto picks on this CPU
+
+
+@contextlib.contextmanager
+def loaders_of_the_run():
+    """The Loaders that train.py builds, in a list, so that a fake can tell them apart."""
+    built, real = [], train.build_loaders
+
+    def build(*args):
+        built.append(real(*args))
+        return built[-1]
+
+    with mock.patch.object(train, 'build_loaders', build):
+        yield built
+
+
+def fake_epochs(method, fake):
+    """Patch Trainer.method with fake(real, trainer, loader), which may call the real one."""
+    real = getattr(train.Trainer, method)
+    return mock.patch.object(train.Trainer, method,
+                             lambda trainer, loader: fake(real, trainer, loader))
 
 
 class TrainTest(ColourFolderCase):
@@ -50,35 +69,34 @@ class TrainTest(ColourFolderCase):
                         '--batch-size', 16, '--epochs', 2, '--device', 'cpu', '--workers', 1,
                         '--out', out or self.out, *extra)
 
+    def record(self, out=None):
+        return json.loads((out or self.out).with_suffix('.json').read_text())
+
     def test_learns_colour_task_and_writes_its_files(self):
-        route = mock.patch.object(speed, 'route_one_pixel_convs',
-                                  side_effect=speed.route_one_pixel_convs)
-        with route as routed:
-            code, out, err = self.train()
+        code, out, err = self.train()
         self.assertEqual(code, 0, err)
-        routed.assert_called_once()  # the CPU route of speed.py, put on the plain model
-        precision = speed.precision_name(AUTO)
         # What speed.py changed on the CPU is said in the header.
-        self.assertIn(f'resnet18 (small input), cpu, {precision}, {speed.ONE_PIXEL_ROUTE}, '
-                      f'2 epochs', out)
+        self.assertIn(f'resnet18 (small input), cpu, {speed.precision_name(AUTO)}, '
+                      f'{speed.ONE_PIXEL_ROUTE}, 2 epochs', out)
         # The article printed {num_epochs}, undefined: NameError in the first epoch.
-        self.assertIn('epoch 1/2', out)
-        meta = json.loads(self.out.with_suffix('.json').read_text())
-        self.assertGreater(meta['test_acc'], 80)  # chance is 33%
+        self.assertRegex(out, r'\nepoch 1/2  train loss [\d.]+ acc +[\d.]+%  valid loss ')
         self.assertIn('50 train, 6 valid and 30 test images', out)
-        last = out.strip().splitlines()[-1]
-        self.assertRegex(last, r'test accuracy \d+\.\d\d% on the 30 test images, measured '
-                               r'once \(epoch \d, chosen by its valid accuracy \d+\.\d\d%\)')
-        self.assertIn(str(self.out), last)
-        self.assertIn('per-class test accuracy', out)
-        self.assertRegex(out, r'\nseconds: loading data [\d.]+, training [\d.]+, '
-                              r'evaluating [\d.]+, testing [\d.]+, saving [\d.]+\n')
+        self.assertRegex(out.strip().splitlines()[-1],
+                         rf'test accuracy \d+\.\d\d% on the 30 test images, measured once \(epoch '
+                         rf'\d, chosen by its valid accuracy \d+\.\d\d%\); saved to {self.out}$')
+        self.assertRegex(out, r'\nseconds: loading data [\d.]+, training [\d.]+, evaluating '
+                              r'[\d.]+, testing [\d.]+; in all, from the start, [\d.]+\n')
+        record = self.record()
+        self.assertGreater(record['test_acc'], 80)  # chance is 33%
+        self.assertEqual((record['classes'], record['held_size'], len(record['mean'])),
+                         (sorted(COLOURS), 8, 3))
+        self.assertEqual(record['args'], {**vars(options.parse_args([])), **options.given([
+            '--data', str(self.data), '--image-size', '8', '--small-input', '--lr', '0.01',
+            '--batch-size', '16', '--epochs', '2', '--device', 'cpu', '--workers', '1', '--out',
+            str(self.out)])})
+        self.assertEqual(record['steps'], 6)
         # A plain state_dict that the article's model loads as the article implies.
-        model = ResNet18(3, small_input=True)
-        model.load_state_dict(torch.load(self.out, weights_only=True))
-        self.assertEqual(meta['classes'], sorted(COLOURS))
-        self.assertEqual(len(meta['mean']), 3)
-        self.assertEqual(meta['precision'], precision)
+        ResNet18(3, small_input=True).load_state_dict(torch.load(self.out, weights_only=True))
         self.assertEqual(self.out.with_suffix('.csv').read_text().count('\n'), 3)
         self.assertTrue(self.out.with_suffix('.ckpt').is_file())
         self.assertEqual(list(self.dir.glob('*.tmp')), [])
@@ -93,72 +111,61 @@ class TrainTest(ColourFolderCase):
         n_images = sum(1 for _ in Path(self.data).rglob('*.png'))
         self.assertEqual(opened.call_count, n_images + 1)  # + 1: the size probe
         self.assertIn('held at 8 px, fed at 16 px', out)
-        self.assertNotIn('streaming', out)
 
     def test_best_weights_are_a_copy(self):
         # The article kept trainer.params (a live state_dict), so it saved the last epoch.
-        accs = iter([60.0, 40.0])
-        states = []
-        real_valid = train.Trainer.epoch_valid
+        accs, states = iter([60.0, 40.0]), []
 
-        def fake_valid(trainer, loader):
-            loss, acc = real_valid(trainer, loader)
-            if len(loader.labels) == 30:  # the test, after the epochs
+        def valid(real, trainer, loader):
+            loss, acc = real(trainer, loader)
+            if loader is not built[0].valid:
                 return loss, acc
             states.append({k: v.clone() for k, v in trainer.params.items()})
             return loss, next(accs)
 
-        with mock.patch.object(train.Trainer, 'epoch_valid', fake_valid):
+        with loaders_of_the_run() as built, fake_epochs('epoch_valid', valid):
             code, out, err = self.train()
         self.assertEqual(code, 0, err)
-        saved = torch.load(self.out, weights_only=True)
         key = 'layer4.blocks.0.conv2.weight'
-        self.assertTrue(torch.equal(saved[key], states[0][key]))
-        self.assertFalse(torch.equal(saved[key], states[1][key]))
+        saved = torch.load(self.out, weights_only=True)[key]
+        self.assertTrue(torch.equal(saved, states[0][key]))
+        self.assertFalse(torch.equal(saved, states[1][key]))
         self.assertIn('(epoch 1, chosen by its valid accuracy 60.00%)', out)
 
     def test_the_validation_images_choose_and_the_test_images_are_measured_once(self):
         # Article: it validated on the test set and kept the epoch best there. Here the
         # validation images choose (epoch 2), though the test images favour epoch 1, and the
         # test set is measured once, after the choice, on the weights chosen.
-        n_valid, n_test = 6, 30
-        accs = {n_valid: [70.0, 90.0, 80.0], n_test: [95.0, 60.0, 85.0]}
+        scripted = {'valid': [70.0, 90.0, 80.0], 'test': [95.0, 60.0, 85.0]}
         seen, states = [], []
-        real_valid = train.Trainer.epoch_valid
 
-        def fake_valid(trainer, loader):
-            n = len(loader.labels)
-            seen.append(n)
+        def valid(real, trainer, loader):
+            name = 'valid' if loader is built[0].valid else 'test'
+            seen.append(name)
             states.append({k: v.clone() for k, v in trainer.params.items()})
-            loss, acc = real_valid(trainer, loader)
-            return (loss, accs[n].pop(0)) if accs[n] else (loss, acc)
+            loss, acc = real(trainer, loader)
+            return loss, scripted[name].pop(0)
 
-        with mock.patch.object(train.Trainer, 'epoch_valid', fake_valid):
+        with loaders_of_the_run() as built, fake_epochs('epoch_valid', valid):
             code, out, err = self.train('--epochs', 3)
         self.assertEqual(code, 0, err)
-        self.assertEqual(seen, [n_valid] * 3 + [n_test])
-        meta = json.loads(self.out.with_suffix('.json').read_text())
-        self.assertEqual((meta['valid_acc'], meta['best_epoch']), (90.0, 2))
-        self.assertEqual(meta['valid_split'], {'fraction': 0.1, 'seed': 0})
+        self.assertEqual(seen, ['valid'] * 3 + ['test'])
+        self.assertEqual(len(built[0].valid.labels), 6)  # held out of the training images
+        record = self.record()
+        self.assertEqual((record['valid_acc'], record['best_epoch'], record['test_acc']),
+                         (90.0, 2, 95.0))
         key = 'layer4.blocks.0.conv2.weight'
         self.assertTrue(torch.equal(states[-1][key], states[1][key]))  # tested: epoch 2's
         self.assertTrue(torch.equal(torch.load(self.out, weights_only=True)[key], states[1][key]))
-        self.assertIn(f'test accuracy {meta["test_acc"]:.2f}% on the 30 test images, measured '
-                      f'once (epoch 2, chosen by its valid accuracy 90.00%)', out)
+        self.assertIn('test accuracy 95.00% on the 30 test images, measured once (epoch 2, '
+                      'chosen by its valid accuracy 90.00%)', out)
 
     def test_validation_images_are_held_out_of_the_training_images(self):
-        loaders = []
-        real_make = train.make_loader
-
-        def make(images, labels, *args, **kwargs):
-            loaders.append(images)
-            return real_make(images, labels, *args, **kwargs)
-
-        with mock.patch.object(train, 'make_loader', make):
+        with loaders_of_the_run() as built:
             code, out, err = self.train('--epochs', 1)
         self.assertEqual(code, 0, err)
-        rows = [{bytes(x.flatten().tolist()) for x in images} for images in loaders]
-        trained, validated, tested = rows
+        sets = [{bytes(x.flatten().tolist()) for x in loader.images} for loader in built[0]]
+        trained, validated, tested = sets
         self.assertEqual((len(trained), len(validated), len(tested)), (50, 6, 30))
         self.assertFalse(trained & validated or trained & tested or validated & tested)
 
@@ -167,17 +174,22 @@ class TrainTest(ColourFolderCase):
         self.assertEqual(code, 0, err)
         self.assertIn('56 train, 0 valid and 30 test images', out)
         self.assertIn('no validation', out)
-        meta = json.loads(self.out.with_suffix('.json').read_text())
-        self.assertEqual((meta['valid_acc'], meta['best_epoch']), (None, 2))
+        self.assertEqual((self.record()['valid_acc'], self.record()['best_epoch']), (None, 2))
         last = torch.load(self.out.with_suffix('.ckpt'), weights_only=True)['model']
         for k, v in torch.load(self.out, weights_only=True).items():
             self.assertTrue(torch.equal(v, last[k]), k)
-        # Nothing but the test set could say whether another such run does better.
-        before = self.out.read_bytes()
-        code, _, err = self.train('--valid-split', 0)
-        self.assertEqual((code, err.count('\n')), (2, 1))
-        self.assertIn('without validation images', err)
-        self.assertEqual(self.out.read_bytes(), before)
+
+    def test_an_earlier_runs_weights_are_never_overwritten(self):
+        code, _, err = self.train('--epochs', 1)
+        self.assertEqual(code, 0, err)
+        files = {p.name: p.read_bytes() for p in self.dir.iterdir()}
+        code, out, err = self.train('--epochs', 1, '--model', 'resnet34')
+        self.assertEqual((code, err.count('\n')), (2, 1), err)
+        self.assertIn(f'{self.out} already holds the weights of an earlier run', err)
+        self.assertIn('--out NEW.pth', err)
+        self.assertIn('--resume', err)
+        self.assertNotIn('decoding', out)  # before any work
+        self.assertEqual({p.name: p.read_bytes() for p in self.dir.iterdir()}, files)
 
     def test_starts_without_torchvision(self):
         # Importing torchvision costs about 3 s on 2 cores; train.py needs it for CIFAR-10 only.
@@ -187,27 +199,9 @@ class TrainTest(ColourFolderCase):
                          set(torchvision.datasets.folder.IMG_EXTENSIONS))
 
     def test_cuda_graphs_are_recorded_once_on_a_full_train_batch(self):
-        # CUDA graphs hold fixed input buffers, so the sample must be a train batch (all are
-        # full), recorded in train mode: the graphs replay only in the mode they were made in.
-        # With --no-graph-whole-step, the model's graphs (graph_model, a no-op stand-in here:
-        # that run trains plainly)...
-        calls = []
-
-        def record(model, sample, amp_dtype):
-            calls.append((model.training, tuple(sample.shape), amp_dtype))
-
-        with mock.patch.object(speed, 'use_cuda_graphs', return_value=True), \
-                mock.patch.object(speed, 'graph_model', side_effect=record):
-            code, out, err = self.train('--epochs', 1, '--no-graph-whole-step',
-                                        out=self.dir / 'plain' / 'weight.pth')
-        self.assertEqual(code, 0, err)
-        self.assertEqual(calls, [(True, (16, 3, 8, 8), AUTO)])
-        self.assertIn(f'cpu, {speed.precision_name(AUTO)}, {speed.ONE_PIXEL_ROUTE}, the model as '
-                      f'CUDA graphs, 1 epoch of 3 batches of 16', out)
-        self.assertRegex(out, r'seconds: loading data [\d.]+, recording CUDA graphs [\d.]+, ')
-
-        # ... or, by default, the whole step (GraphedStep's CPU stand-in), which must train as
-        # that plain run did.
+        # On CUDA the whole step is recorded as a CUDA graph on a train batch (all are full),
+        # in train mode, and replayed for every batch; it must train as the plain step does.
+        # (speed.record_graphs's CPU stand-in: EagerGraphedStep.)
         replays = []
 
         class Counted(EagerGraphedStep):
@@ -215,21 +209,25 @@ class TrainTest(ColourFolderCase):
                 replays.append(len(inputs))
                 return super().__call__(inputs, targets)
 
-        with mock.patch.object(speed, 'use_cuda_graphs', return_value=True), \
-                mock.patch.object(speed, 'graph_model', side_effect=AssertionError), \
+        def on_cuda(step, model, optimizer, scaler, loader, name, graphs, whole_step):
+            self.assertEqual((name, graphs, whole_step), ('resnet18', True, None))
+            return speed.record_graphs(step, model, optimizer, scaler, loader, whole_step)[0], \
+                'the whole step as a CUDA graph', 0.5
+
+        with mock.patch.object(speed, 'prepare_step', on_cuda), \
                 mock.patch.object(speed, 'GraphedStep', Counted):
             code, out, err = self.train('--epochs', 1, out=self.dir / 'step' / 'weight.pth')
         self.assertEqual(code, 0, err)
         self.assertEqual(replays, [16, 16, 16])  # every train batch, through the graph
-        self.assertIn(f'cpu, {speed.precision_name(AUTO)}, {speed.ONE_PIXEL_ROUTE}, the whole step '
-                      f'as a CUDA graph, 1 epoch of 3 batches of 16', out)
-        self.assertRegex(out, r'seconds: loading data [\d.]+, recording CUDA graphs [\d.]+, ')
+        self.assertIn('the whole step as a CUDA graph, 1 epoch of 3 batches of 16', out)
+        self.assertRegex(out, r'seconds: loading data [\d.]+, recording CUDA graphs 0.5, ')
+        code, _, err = self.train('--epochs', 1, out=self.dir / 'plain' / 'weight.pth')
+        self.assertEqual(code, 0, err)
         plain = torch.load(self.dir / 'plain' / 'weight.ckpt', weights_only=True)
         step = torch.load(self.dir / 'step' / 'weight.ckpt', weights_only=True)
         for k, v in plain['model'].items():  # the lr is a float32 tensor in the graph
             self.assertTrue(torch.allclose(v.float(), step['model'][k].float(), atol=1e-6), k)
         self.assertEqual(plain['history'][0]['train_loss'], step['history'][0]['train_loss'])
-        self.assertIsInstance(step['optimizer']['param_groups'][0]['lr'], float)
 
     def test_a_small_folder_trains_with_its_own_defaults(self):
         # 50 training images, fewer than a dozen default batches: the batch, lr and epochs of
@@ -240,24 +238,17 @@ class TrainTest(ColourFolderCase):
         self.assertEqual(code, 0, err)
         self.assertIn('50 training images, a small folder: 2 epochs of 3 batches of 16', out)
         self.assertIn(f'2 epochs of 3 batches of 16, peak lr {config.LR * 16 / 256}', out)
-        self.assertEqual(json.loads(self.out.with_suffix('.json').read_text())['epochs'], 2)
+        self.assertEqual(self.record()['args']['epochs'], 2)
 
     def test_the_articles_recipe(self):
         # --recipe article: the article's training (lr 0.001, plain momentum, weight decay 1e-4,
         # no schedule, raw [0, 1] pixels, no augmentation, no label smoothing), on this network.
         built = {}
         real_optimizer, real_criterion = train.build_optimizer, train.build_criterion
-
-        def optimizer(*args):
-            built['optimizer'] = real_optimizer(*args)
-            return built['optimizer']
-
-        def criterion(*args):
-            built['criterion'] = real_criterion(*args)
-            return built['criterion']
-
-        with mock.patch.object(train, 'build_optimizer', optimizer), \
-                mock.patch.object(train, 'build_criterion', criterion):
+        with mock.patch.object(train, 'build_optimizer', side_effect=lambda *a: built.setdefault(
+                'optimizer', real_optimizer(*a))), \
+                mock.patch.object(train, 'build_criterion', side_effect=lambda *a: built.setdefault(
+                    'criterion', real_criterion(*a))):
             code, out, err = run_main(
                 '--data', self.data, '--image-size', 8, '--small-input', '--batch-size', 16,
                 '--epochs', 2, '--device', 'cpu', '--workers', 1, '--recipe', 'article',
@@ -268,17 +259,11 @@ class TrainTest(ColourFolderCase):
         self.assertEqual((group['momentum'], group['nesterov'], group['weight_decay']),
                          (0.9, False, 1e-4))
         self.assertEqual(built['criterion'].label_smoothing, 0.0)
-        meta = json.loads(self.out.with_suffix('.json').read_text())
-        self.assertEqual((meta['recipe'], meta['mean'], meta['std']),
+        record = self.record()
+        self.assertEqual((record['args']['recipe'], record['mean'], record['std']),
                          ('article', [0.0] * 3, [1.0] * 3))
         with open(self.out.with_suffix('.csv')) as f:
             self.assertEqual([float(r['lr']) for r in csv.DictReader(f)], [0.001, 0.001])
-        # Weights of another recipe are another setup: the fixed recipe leaves them alone.
-        before = self.out.read_bytes()
-        code, _, err = self.train()
-        self.assertEqual((code, err.count('\n')), (2, 1), err)
-        self.assertIn('another setup', err)
-        self.assertEqual(self.out.read_bytes(), before)
 
     def test_recipe_names(self):
         self.assertEqual(options.parse_args([]).recipe, 'fixed')
@@ -291,7 +276,7 @@ class TrainTest(ColourFolderCase):
             self.assertEqual((args.recipe, options.fixes_of(args.recipe)), (recipe, fixes))
         for recipe, lr in (('article+norm', config.ARTICLE_LR), ('article+lr', config.LR)):
             args = options.parse_args(['--recipe', recipe])
-            self.assertEqual(options.train_defaults(args, 50_000).lr, lr)
+            self.assertEqual(options.train_defaults(args, 50_000)[1], lr)
         # Each fix switches one thing: here weight decay alone, then Nesterov alone.
         model = nn.Linear(2, 2)
         for fixes, nesterov, decay in (({'decay'}, False, config.WEIGHT_DECAY),
@@ -311,12 +296,20 @@ class TrainTest(ColourFolderCase):
                 with self.subTest(name, plain=plain):
                     args = options.parse_args(['--model', name] + ['--plain'] * plain)
                     model = train.build_model(args.model, 3, plain=args.plain).eval()
-                    size = 67 if name == 'alexnet' else 32
+                    size = options.default_image_size(args)  # AlexNet: its smallest, 67 px
                     with torch.no_grad():
                         self.assertEqual(model(torch.zeros(2, 3, size, size)).shape, (2, 3))
                     shortcuts = {b.shortcut for b in model.modules() if hasattr(b, 'shortcut')}
                     self.assertEqual(shortcuts, set() if name == 'alexnet' else {not plain})
         self.assertEqual(count_parameters(train.build_model('resnet56', 10)), 853_018)
+
+    def test_alexnet_is_fed_at_its_own_size_unless_told(self):
+        # The article's first model needs 67 px at least; left out, --image-size is that.
+        for argv, size in (([], 67), (['--image-size', '96'], 96)):
+            args = options.parse_args(['--model', 'alexnet', *argv])
+            options.check_args(args)
+            self.assertEqual(args.image_size or options.default_image_size(args), size)
+        self.assertEqual(options.default_image_size(options.parse_args([])), config.IMAGE_SIZE)
 
     def test_defaults_come_from_one_table(self):
         # --batch-size, --lr and --epochs left out take the model's row of
@@ -332,7 +325,6 @@ class TrainTest(ColourFolderCase):
         self.assertEqual((args.batch_size, args.lr, args.epochs), (None, None, None))
         self.assertEqual(defaults(), (config.BATCH_SIZE, config.LR, config.NUM_EPOCHS))
         self.assertEqual(self.note, '')
-        self.assertEqual(defaults()[:2], (config.BATCH_SIZE, config.LR))
         self.assertEqual(defaults('--model', 'alexnet')[:2], (128, 0.02))  # RESULTS.md
         self.assertEqual(defaults('--model', 'resnet50')[:2], (128, config.LR))
         self.assertEqual(defaults('--model', 'resnet50', '--small-input')[:2], (128, config.LR))
@@ -355,13 +347,8 @@ class TrainTest(ColourFolderCase):
         self.assertEqual(defaults('--lr', '0.05', n_train=450)[:2], (32, 0.05))
         self.assertEqual(defaults('--init', 'w.pth', '--freeze', n_train=450)[:2],
                          (32, config.LR))  # the fc alone: the row's lr, unscaled
-        # On CUDA the whole step is graphed unless --no-graph-whole-step, and --no-cuda-graphs
-        # alone turns every graph off, the whole step's too, with no complaint.
-        self.assertIsNone(options.parse_args([]).graph_whole_step)  # config.GRAPH_WHOLE_STEP
-        self.assertFalse(options.parse_args(['--no-graph-whole-step']).graph_whole_step)
-        args = options.parse_args(['--no-cuda-graphs'])
-        self.assertFalse(speed.use_cuda_graphs(args, torch.device('cuda')))
-        options.check_args(args)
+        defaults('--minutes', '2', n_train=450)  # the epochs are the budget's
+        self.assertIn('a small folder: the epochs that fit of 14 batches of 32', self.note)
 
     def test_validation_runs_without_autograd(self):
         model = ResNet18(3)
@@ -418,21 +405,21 @@ class TrainTest(ColourFolderCase):
         code, _, err = self.train('--save-every', 0, *extra, out=folder / 'a' / 'weight.pth')
         self.assertEqual(code, 0, err)
         calls = []
-        real_train = train.Trainer.epoch_train
 
-        def interrupted(trainer, loader):
+        def interrupted(real, trainer, loader):
             calls.append(1)
             if len(calls) == 2:
                 raise KeyboardInterrupt
-            return real_train(trainer, loader)
+            return real(trainer, loader)
 
         b = folder / 'b' / 'weight.pth'
-        with mock.patch.object(train.Trainer, 'epoch_train', interrupted):
+        with fake_epochs('epoch_train', interrupted):
             code, _, err = self.train('--save-every', 0, *extra, out=b)
-        self.assertEqual(code, 130)
-        self.assertIn('--resume', err)
+        self.assertEqual((code, err.strip().count('\n')), (130, 0), err)
+        self.assertIn('interrupted in epoch 2; the best weights so far are in', err)
+        self.assertIn(f'python train.py --resume --out {b}', err)
         self.assertTrue(b.is_file())  # the best weights so far are kept
-        code, out, err = self.train('--save-every', 0, '--resume', *extra, out=b)
+        code, out, err = run_main('--resume', '--out', b, '--device', 'cpu', '--workers', 1)
         self.assertEqual(code, 0, err)
         self.assertIn('resuming from epoch 1', out)
         self.assertEqual('streaming' in out, bool(extra))
@@ -442,95 +429,88 @@ class TrainTest(ColourFolderCase):
             self.assertTrue(torch.allclose(v.float(), done_b['model'][k].float(), atol=1e-6), k)
         self.assertEqual(done_a['history'][-1]['valid_acc'], done_b['history'][-1]['valid_acc'])
 
+    def test_resume_takes_the_runs_own_arguments(self):
+        # The checkpoint keeps the run's arguments: --resume needs no others, takes those that
+        # say how it goes on (the device, --workers, ...), and refuses one that contradicts it.
+        code, _, err = self.train('--epochs', 1, '--save-every', 0)
+        self.assertEqual(code, 0, err)
+        for argv, text in ((['--epochs', '3'], '--epochs 3 contradicts the run being resumed '
+                                               '(--epochs 1)'),
+                           (['--model', 'resnet34'], '--model resnet34 contradicts'),
+                           (['--plain'], '--plain True contradicts')):
+            code, _, err = run_main('--resume', '--out', self.out, *argv)
+            self.assertEqual((code, err.count('\n')), (2, 1), err)
+            self.assertIn(text, err)
+        code, out, err = run_main('--resume', '--out', self.out, '--workers', 2, '--epochs', 1)
+        self.assertEqual((code, out.strip()), (0, f'{self.dir / "weight.ckpt"}: that run '
+                                                    f'already finished (1 epochs)'), err)
+
     def test_a_run_stopped_after_its_last_checkpoint_knows_its_own_best(self):
         # Ctrl-C writes the best weights so far, which can be of a later epoch than the last
-        # checkpoint. Resumed, the run must take them as its own (recorded in weight.json as
-        # this run's), not as an earlier run's to beat, and test them at the end.
-        real_valid = train.Trainer.epoch_valid
-        valid = {1: 50.0, 2: 60.0, 3: 55.0}  # epoch 2 is the best on the validation images
+        # checkpoint. Resumed, the run must take them as its best and test them at the end.
+        valid_accs = {1: 50.0, 2: 60.0, 3: 55.0}  # epoch 2 is the best on the validation images
 
-        def scripted_valid(trainer, loader):
-            loss, acc = real_valid(trainer, loader)
-            if len(loader.labels) == 6:  # the validation images; 3 steps an epoch
-                acc = valid[trainer.scheduler.last_epoch // 3]
+        def scripted(real, trainer, loader):
+            loss, acc = real(trainer, loader)
+            if loader is built[-1].valid:
+                acc = valid_accs[trainer.scheduler.last_epoch // 3]  # 3 steps an epoch
             return loss, acc
 
-        scripted = mock.patch.object(train.Trainer, 'epoch_valid', scripted_valid)
-        scripted.start()
-        self.addCleanup(scripted.stop)
-        a = self.dir / 'a' / 'weight.pth'
-        code, _, err = self.train('--epochs', 3, out=a)
-        self.assertEqual(code, 0, err)
-        done = json.loads(a.with_suffix('.json').read_text())
-        self.assertEqual(done['best_epoch'], 2)
-        # Weights of an earlier run, as good as epoch 1 on the validation images.
-        b = self.dir / 'b' / 'weight.pth'
-        b.parent.mkdir()
-        shutil.copy(a, b)
-        b.with_suffix('.json').write_text(json.dumps(
-            {**done, 'valid_acc': valid[1], 'best_epoch': 1, 'run': 'earlier'}))
-        real_end, real_train, calls = saving.Run.end_epoch, train.Trainer.epoch_train, []
+        with loaders_of_the_run() as built, fake_epochs('epoch_valid', scripted):
+            a = self.dir / 'a' / 'weight.pth'
+            code, _, err = self.train('--epochs', 3, out=a)
+            self.assertEqual(code, 0, err)
+            done = self.record(a)
+            self.assertEqual(done['best_epoch'], 2)
+            real_save, calls = train.save, []
 
-        def checkpoint_after_epoch_1_only(run, row, *args):
-            run.args.save_every = 0 if row['epoch'] == 1 else 1e9
-            return real_end(run, row, *args)
+            def checkpoint_after_epoch_1_only(out, record, best, trainer=None, history=None,
+                                              args=None):
+                if not history or history[-1]['epoch'] == 1:  # the timer fires once
+                    real_save(out, record, best, trainer, history, args)
 
-        def stopped_in_epoch_3(trainer, loader):
-            calls.append(1)
-            if len(calls) == 3:
-                raise KeyboardInterrupt
-            return real_train(trainer, loader)
+            def stopped_in_epoch_3(real, trainer, loader):
+                calls.append(1)
+                if len(calls) == 3:
+                    raise KeyboardInterrupt
+                return real(trainer, loader)
 
-        with mock.patch.object(saving.Run, 'end_epoch', checkpoint_after_epoch_1_only), \
-                mock.patch.object(train.Trainer, 'epoch_train', stopped_in_epoch_3):
-            code, _, err = self.train('--epochs', 3, out=b)
-        self.assertEqual(code, 130, err)
-        self.assertEqual(torch.load(b.with_suffix('.ckpt'), weights_only=True)['epoch'], 1)
-        self.assertEqual(json.loads(b.with_suffix('.json').read_text())['best_epoch'], 2)
-        code, out, err = self.train('--epochs', 3, '--resume', out=b)
+            b = self.dir / 'b' / 'weight.pth'
+            with mock.patch.object(train, 'save', checkpoint_after_epoch_1_only), \
+                    fake_epochs('epoch_train', stopped_in_epoch_3):
+                code, _, err = self.train('--epochs', 3, '--save-every', 0, out=b)
+            self.assertEqual(code, 130, err)
+            self.assertEqual(torch.load(b.with_suffix('.ckpt'), weights_only=True)['epoch'], 1)
+            self.assertEqual(self.record(b)['best_epoch'], 2)
+            code, out, err = run_main('--resume', '--out', b)
         self.assertEqual(code, 0, err)
         self.assertIn('done: test accuracy', out.splitlines()[-1])
-        resumed = json.loads(b.with_suffix('.json').read_text())
+        resumed = self.record(b)
         for key in ('valid_acc', 'best_epoch', 'test_acc'):
             self.assertEqual(resumed[key], done[key], key)
 
-    def test_unreadable_checkpoint_or_metadata_stops_and_keeps_the_weights(self):
+    def test_unreadable_checkpoint_stops_and_keeps_the_weights(self):
         code, _, err = self.train('--epochs', 1)
         self.assertEqual(code, 0, err)
-        ckpt, meta = self.out.with_suffix('.ckpt'), self.out.with_suffix('.json')
-        weights = self.out.read_bytes()
-        good_ckpt = ckpt.read_bytes()
-        code, out, err = self.train('--epochs', 1, '--resume')
-        self.assertEqual(code, 0, err)
-        self.assertIn('already finished (epoch 1 of 1)', out)
-        code, _, err = self.train('--resume')  # 2 epochs: not the run the checkpoint is from
-        self.assertEqual((code, err.count('\n')), (2, 1), err)
-        self.assertRegex(err, r'another run \(--epochs 1 --batch-size 16 --precision \w+ '
-                              r'--model resnet18 --small-input')
-        other = 'fp32' if AUTO else 'bf16'  # resumed in another precision: another run too
-        code, _, err = self.train('--epochs', 1, '--resume', '--precision', other)
-        self.assertEqual((code, err.count('\n')), (2, 1), err)
-        self.assertIn('another run', err)
+        ckpt, weights = self.out.with_suffix('.ckpt'), self.out.read_bytes()
+        good = ckpt.read_bytes()
         # A truncated checkpoint, and one that is a readable file of something else.
-        for bad in (good_ckpt[:2000], None):
+        for bad in (good[:2000], None):
             if bad is None:
                 torch.save({'model': {}}, ckpt)
             else:
                 ckpt.write_bytes(bad)
-            code, out, err = self.train('--resume')
+            code, out, err = run_main('--resume', '--out', self.out)
             self.assertEqual((code, err.count('\n')), (2, 1), err)
             self.assertIn('not a readable checkpoint', err)
             self.assertNotIn('decoding', out)  # it fails before reading the data
             self.assertEqual(self.out.read_bytes(), weights)
-        # Weights whose .json is gone: what they are is unknown, so they are not touched.
-        ckpt.write_bytes(good_ckpt)
-        meta.unlink()
-        code, _, err = self.train()
+        ckpt.unlink()
+        code, _, err = run_main('--resume', '--out', self.out)
         self.assertEqual((code, err.count('\n')), (2, 1), err)
-        self.assertIn('missing or unreadable', err)
-        self.assertEqual(self.out.read_bytes(), weights)
+        self.assertIn('nothing to resume: no checkpoint at', err)
 
-    def test_sgd_is_fused_on_cuda_and_resume_keeps_the_devices_choice(self):
+    def test_a_checkpoint_from_another_device_keeps_this_devices_sgd(self):
         model = nn.Linear(3, 2)
         on_cpu = train.build_optimizer(model, 0.1, torch.device('cpu'))
         self.assertIsNone(on_cpu.defaults['fused'])  # PyTorch's default (foreach on CUDA)
@@ -544,97 +524,72 @@ class TrainTest(ColourFolderCase):
         state = on_cpu.state_dict()
         state['param_groups'][0]['fused'] = True
         resumed = train.build_optimizer(model, 0.1, torch.device('cpu'))
-        saving.load_optimizer_state(resumed, copy.deepcopy(state))
+        scheduler = train.build_schedule(resumed, 10)
+        saving.resume({'model': model.state_dict(), 'optimizer': state,
+                       'scheduler': scheduler.state_dict(), 'scaler': {},
+                       'rng': saving.rng_state(CPU)}, model, resumed, scheduler,
+                      speed.MixedPrecision(CPU), CPU)
         self.assertIsNone(resumed.param_groups[0]['fused'])
         self.assertTrue(torch.equal(resumed.state[model.weight]['momentum_buffer'],
                                     on_cpu.state[model.weight]['momentum_buffer']))
-        plain = train.build_optimizer(model, 0.1, torch.device('cpu'))
-        plain.load_state_dict(copy.deepcopy(state))
-        self.assertTrue(plain.param_groups[0]['fused'])  # what the helper undoes
 
     def test_nan_loss_stops_and_keeps_weights(self):
         results = iter([None, (float('nan'), 0.0)])
-        real_train = train.Trainer.epoch_train
 
-        def nan_in_epoch_2(trainer, loader):
+        def nan_in_epoch_2(real, trainer, loader):
             r = next(results)
-            return real_train(trainer, loader) if r is None else r
+            return real(trainer, loader) if r is None else r
 
-        with mock.patch.object(train.Trainer, 'epoch_train', nan_in_epoch_2):
-            code, _, err = self.train()
-        self.assertEqual(code, 1)
-        self.assertIn('lower --lr', err)
-        self.assertEqual(json.loads(self.out.with_suffix('.json').read_text())['best_epoch'], 1)
+        with fake_epochs('epoch_train', nan_in_epoch_2):
+            code, _, err = self.train('--save-every', 1000)
+        self.assertEqual((code, err.strip().count('\n')), (1, 0), err)
+        self.assertIn('error: the loss became nan in epoch 2; the best weights so far are in', err)
+        self.assertIn('try a lower --lr than 0.01 in a new run (--out NEW.pth)', err)
+        self.assertEqual(self.record()['best_epoch'], 1)
         ResNet18(3, small_input=True).load_state_dict(torch.load(self.out, weights_only=True))
 
-    def test_eval_round_trip_and_bad_weight_files(self):
-        code, _, err = self.train()
-        self.assertEqual(code, 0, err)
-        measured = json.loads(self.out.with_suffix('.json').read_text())['test_acc']
-        code, out, err = run_main('--eval', self.out, '--data', self.data, '--device', 'cpu',
-                                  '--workers', 1)
-        self.assertEqual(code, 0, err)
-        self.assertIn(f'test accuracy {measured:.2f}% on 30 images', out)
-        self.assertIn(f'the run measured {measured:.2f}%', out)
-        self.assertIn('per-class accuracy', out)
+    def test_running_out_of_memory_keeps_the_weights_and_says_what_to_pass(self):
+        # On a GPU: torch.cuda.OutOfMemoryError; on the CPU, a RuntimeError that says so.
+        errors = (torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB'),
+                  RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
+                               "allocate 48000000000 bytes. Error code 12"))
+        for i, error in enumerate(errors):
+            calls = []
 
-        code, _, err = run_main('--eval', self.dir / 'missing.pth', '--data', self.data)
-        self.assertEqual((code, err.count('\n')), (2, 1))
-        self.assertIn('no weight file', err)
+            def second_epoch_fails(real, trainer, loader):
+                calls.append(1)
+                if len(calls) == 2:
+                    raise error
+                return real(trainer, loader)
 
-        corrupt = self.dir / 'corrupt.pth'
-        corrupt.write_bytes(self.out.read_bytes()[:1000])
-        code, _, err = run_main('--eval', corrupt, '--data', self.data)
-        self.assertEqual((code, err.count('\n')), (2, 1))
-        self.assertIn('not a readable weight file', err)
-
-        other = self.dir / 'other.pth'
-        torch.save(ResNet34(3).state_dict(), other)  # no .json: what they are is unknown
-        code, _, err = run_main('--eval', other, '--data', self.data)
-        self.assertEqual((code, err.count('\n')), (2, 1))
-        self.assertIn('has no readable other.json', err)
-        shutil.copy(self.out.with_suffix('.json'), other.with_suffix('.json'))  # a resnet18's
-        code, _, err = run_main('--eval', other, '--data', self.data)
-        self.assertEqual((code, err.count('\n')), (2, 1))
-        self.assertIn('does not fit the resnet18 --small-input its weight.json names', err)
-
-    def test_better_weights_are_not_replaced(self):
-        code, _, err = self.train()
-        self.assertEqual(code, 0, err)
-        meta_path = self.out.with_suffix('.json')
-        meta = json.loads(meta_path.read_text())
-        meta['valid_acc'] = 100.0
-        meta_path.write_text(json.dumps(meta))
-        before, history = self.out.read_bytes(), self.out.with_suffix('.csv').read_text()
-        code, out, err = self.train()
-        self.assertEqual(code, 0, err)
-        self.assertEqual(self.out.read_bytes(), before)
-        self.assertEqual(self.out.with_suffix('.csv').read_text(), history)  # still theirs
-        self.assertIn('kept', out.splitlines()[-1])
-        self.assertIn('were not looked at', out.splitlines()[-1])  # nothing new to measure
-        self.assertEqual(json.loads(meta_path.read_text()), meta)
-        # The validation accuracy decides, never the test accuracy.
-        meta.update(valid_acc=0.0, test_acc=100.0)
-        meta_path.write_text(json.dumps(meta))
-        code, out, err = self.train()
-        self.assertEqual(code, 0, err)
-        self.assertIn('saved to', out.splitlines()[-1])
-        replaced = json.loads(meta_path.read_text())
-        self.assertGreater(replaced['valid_acc'], 0.0)
-        self.assertIn(f'test accuracy {replaced["test_acc"]:.2f}%', out.splitlines()[-1])
-        # Weights of another setup are not compared; the run refuses to touch them.
-        code, _, err = self.train('--model', 'resnet34')
-        self.assertEqual((code, err.count('\n')), (2, 1))
-        self.assertEqual(self.out.read_bytes(), before)
+            out = self.dir / str(i) / 'weight.pth'
+            with fake_epochs('epoch_train', second_epoch_fails):
+                code, _, err = self.train('--save-every', 0, out=out)
+            self.assertEqual((code, err.strip().count('\n')), (1, 0), err)
+            self.assertIn('error: in epoch 2, the cpu ran out of memory for batches of 16 images '
+                          'at 8 px; pass a smaller --batch-size or --image-size', err)
+            self.assertIn('best weights so far', err)
+            ResNet18(3, small_input=True).load_state_dict(torch.load(out, weights_only=True))
+            self.assertEqual(torch.load(out.with_suffix('.ckpt'), weights_only=True)['epoch'], 1)
+        # Before the epochs too; and an error that is not about memory stays a traceback.
+        with mock.patch.object(train, 'build_loaders', side_effect=errors[1]):
+            code, _, err = self.train(out=self.dir / 'early' / 'weight.pth')
+        self.assertEqual((code, err.count('\n')), (1, 1), err)
+        self.assertIn('ran out of memory for batches of 16 images at 8 px', err)
+        with mock.patch.object(train, 'build_loaders', side_effect=RuntimeError('other')), \
+                self.assertRaisesRegex(RuntimeError, 'other'):
+            self.train(out=self.dir / 'other' / 'weight.pth')
 
     def test_lr_schedule_warms_up_then_decays_to_zero(self):
         # The article used a constant lr of 0.001.
-        f = train.warmup_linear(100, 0.2)
+        f = train.WarmupLinear(100, 0.2)
         self.assertAlmostEqual(f(0), 1 / 20)
         self.assertAlmostEqual(f(19), 1.0)
         self.assertAlmostEqual(f(60), 0.5)
         self.assertAlmostEqual(f(100), 0.0)
         self.assertEqual(max(f(s) for s in range(100)), 1.0)
+        f.total_steps = 50  # a plan of fewer steps: it ends at 0 sooner
+        self.assertAlmostEqual(f(50), 0.0)
 
     def test_the_fixed_recipe_trains_as_it_says(self):
         # The article trained at a constant lr 0.001 with plain momentum, decay 1e-4 and no
@@ -648,15 +603,12 @@ class TrainTest(ColourFolderCase):
             seen.append((group['lr'], group['nesterov'], group['weight_decay']))
             return real_step(trainer, inputs, targets)
 
-        def criterion(*args):
-            built['criterion'] = real_criterion(*args)
-            return built['criterion']
-
         with mock.patch.object(train.Trainer, 'train_step', step), \
-                mock.patch.object(train, 'build_criterion', criterion):
+                mock.patch.object(train, 'build_criterion', side_effect=lambda *a: built.setdefault(
+                    'criterion', real_criterion(*a))):
             code, _, err = self.train()  # --lr 0.01, 2 epochs of 3 steps
         self.assertEqual(code, 0, err)
-        factor = train.warmup_linear(6, config.WARMUP)
+        factor = train.WarmupLinear(6, config.WARMUP)
         self.assertEqual([round(lr, 9) for lr, _, _ in seen],
                          [round(0.01 * factor(i), 9) for i in range(6)])
         self.assertEqual({(n, d) for _, n, d in seen}, {(True, 5e-4)})
@@ -683,13 +635,13 @@ class TrainTest(ColourFolderCase):
             self.assertLess((x.std(dim=1) - 1).abs().max().item(), 0.15, training)
         # With the mean and std of the images trained on (not the validation or test images');
         # and the test sees each test image once, in order, neither cropped nor flipped.
-        train_files, labels, test_files, _, _ = data.list_image_folder(self.data)
-        train_idx, _ = data.split_valid(torch.tensor(labels), 0.1, 0)
-        train_x = data.decode_images(train_files, 8, workers=1)[train_idx]
-        meta = json.loads(self.out.with_suffix('.json').read_text())
-        self.assertEqual((meta['mean'], meta['std']), data.channel_stats(train_x))
-        mean, std = (torch.tensor(meta[k]).view(1, 3, 1, 1) for k in ('mean', 'std'))
-        test_x = data.decode_images(test_files, 8, workers=1)
+        files = data.list_image_folder(self.data)
+        train_idx, _ = data.split_valid(torch.tensor([y for _, y in files.train]), 0.1, 0)
+        train_x = data.decode_images([f for f, _ in files.train], 8, workers=1)[train_idx]
+        record = self.record()
+        self.assertEqual((record['mean'], record['std']), data.channel_stats(train_x))
+        mean, std = (torch.tensor(record[k]).view(1, 3, 1, 1) for k in ('mean', 'std'))
+        test_x = data.decode_images([f for f, _ in files.test], 8, workers=1)
         torch.testing.assert_close(torch.cat(fed[False])[-len(test_x):],
                                    (test_x / 255 - mean) / std, rtol=0, atol=1e-5)
 
@@ -717,108 +669,65 @@ class TrainTest(ColourFolderCase):
         self.assertTrue(math.isfinite(loss) and math.isfinite(valid_loss))
         self.assertGreaterEqual(moved.count((CPU,)), 2 * 2 * len(loader))  # inputs, targets
 
-    def test_running_out_of_memory_keeps_the_weights_and_says_what_to_pass(self):
-        # On a GPU: torch.cuda.OutOfMemoryError; on the CPU, a RuntimeError that says so.
-        errors = (torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB'),
-                  RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
-                               "allocate 48000000000 bytes. Error code 12"))
-        real_train = train.Trainer.epoch_train
-        for i, error in enumerate(errors):
-            calls = []
-
-            def second_epoch_fails(trainer, loader):
-                calls.append(1)
-                if len(calls) == 2:
-                    raise error
-                return real_train(trainer, loader)
-
-            out = self.dir / str(i) / 'weight.pth'
-            with mock.patch.object(train.Trainer, 'epoch_train', second_epoch_fails):
-                code, _, err = self.train('--save-every', 0, out=out)
-            self.assertEqual((code, err.strip().count('\n')), (1, 0), err)
-            self.assertIn('ran out of memory for batches of 16 images at 8 px; pass a smaller '
-                          '--batch-size or --image-size', err)
-            self.assertIn('best weights so far', err)
-            self.assertNotIn('Traceback', err)
-            ResNet18(3, small_input=True).load_state_dict(torch.load(out, weights_only=True))
-            self.assertEqual(torch.load(out.with_suffix('.ckpt'), weights_only=True)['epoch'], 1)
-        # In evaluation too; and an error that is not about memory stays a traceback.
-        with mock.patch.object(train.Trainer, 'epoch_valid', side_effect=errors[0]):
-            code, _, err = run_main('--eval', out, '--device', 'cpu', '--batch-size', 64)
-        self.assertEqual((code, err.count('\n')), (1, 1), err)
-        self.assertIn('ran out of memory evaluating batches of 128 images; pass a smaller '
-                      '--batch-size', err)
-        with mock.patch.object(train.Trainer, 'epoch_valid', side_effect=RuntimeError('other')), \
-                self.assertRaisesRegex(RuntimeError, 'other'):
-            run_main('--eval', out, '--device', 'cpu')
-
-    def test_eval_reads_the_data_folder_the_weights_were_trained_on(self):
-        code, _, err = self.train('--epochs', 1)
-        self.assertEqual(code, 0, err)
-        with mock.patch.object(torchvision.datasets.CIFAR10, 'download',
-                               side_effect=AssertionError('tried CIFAR-10')):
-            code, out, err = run_main('--eval', self.out, '--device', 'cpu', '--workers', 1)
-        self.assertEqual(code, 0, err)
-        self.assertIn(f'from {Path(self.data).resolve()}', out)
-        self.assertIn('test accuracy', out)
-        meta = json.loads(self.out.with_suffix('.json').read_text())
-        meta['data'] = str(self.dir / 'moved')
-        self.out.with_suffix('.json').write_text(json.dumps(meta))
-        code, _, err = run_main('--eval', self.out, '--device', 'cpu')
-        self.assertEqual((code, err.count('\n')), (2, 1), err)
-        self.assertIn('which is not there any more; pass --data DIR', err)
-        # --data with other classes: the weights' fc scores the classes weight.json names.
-        other = Path(shutil.copytree(self.data, self.dir / 'other'))
-        for split in ('train', 'test'):
-            (other / split / 'red').rename(other / split / 'pink')
-        code, _, err = run_main('--eval', self.out, '--data', other, '--device', 'cpu')
-        self.assertEqual((code, err.count('\n')), (2, 1), err)
-        self.assertIn("was trained on the classes ['blue', 'green', 'red']", err)
-
-    def test_plain_nets_are_recorded_and_rebuilt(self):
-        # --plain is part of the setup: weight.json and the checkpoint record it, and --eval,
-        # --resume and predict.py build the plain net again. A plain CIFAR net has the
-        # residual net's very parameters, so only what is recorded tells them apart.
+    def test_plain_nets_are_recorded(self):
+        # --plain is part of what the weights are: weight.json records it, and predict.py
+        # builds the plain net again. A plain CIFAR net has the residual net's very
+        # parameters, so only what is recorded tells them apart.
         import predict
-        resnet20 = ('--model', 'resnet20')
-        code, out, err = self.train('--plain', '--epochs', 1, out=self.dir / 'plain.pth',
-                                    model=resnet20)
+        code, out, err = self.train('--plain', '--epochs', 1, model=('--model', 'resnet20'))
         self.assertEqual(code, 0, err)
         self.assertIn('resnet20 (plain), cpu', out)
-        self.assertTrue(json.loads((self.dir / 'plain.json').read_text())['plain'])
-        built = []
-        real_build = train.build_model
-        with mock.patch.object(train, 'build_model',
-                               side_effect=lambda *a: built.append(a) or real_build(*a)):
-            code, out, err = run_main('--eval', self.dir / 'plain.pth', '--device', 'cpu',
-                                      '--workers', 1)
-            self.assertEqual(code, 0, err)
-            model, _ = predict.load_model(self.dir / 'plain.pth', CPU)
-        self.assertEqual(built, [('resnet20', 3, False, True)] * 2)
-        self.assertIn('(resnet20 --plain, 8 px', out)
+        self.assertTrue(self.record()['args']['plain'])
+        model, _ = predict.load_model(self.out, CPU)
         self.assertFalse(any(b.shortcut for b in model.modules() if hasattr(b, 'shortcut')))
-        code, _, err = self.train('--epochs', 1, '--resume', out=self.dir / 'plain.pth',
-                                  model=resnet20)
-        self.assertEqual((code, err.count('\n')), (2, 1), err)
-        self.assertIn('--model resnet20 --plain', err)
 
-    def test_a_folder_that_does_not_fit_is_streamed(self):
-        # Too little memory to hold the images: they are decoded in every epoch instead (here
-        # in this process, --workers 1), and the run trains and writes its files as ever.
-        real_open = Image.open
-        with mock.patch.object(data, 'available_ram', return_value=2**30 + 100), \
-                mock.patch.object(Image, 'open', side_effect=real_open) as opened:
+    def test_a_folder_too_large_for_memory_is_one_sentence_and_streams(self):
+        with mock.patch.object(data, 'available_ram', return_value=2**30 + 100):
             code, out, err = self.train()
+        self.assertEqual((code, err.count('\n')), (2, 1), err)
+        self.assertIn('held at 8 px they need 0.0 GiB of RAM, and 1.0 GiB is free', err)
+        self.assertIn('pass --stream', err)
+        # With --stream, the images are decoded in every epoch instead (here in this process,
+        # --workers 1), and the run trains and writes its files as ever.
+        real_open = Image.open
+        with mock.patch.object(Image, 'open', side_effect=real_open) as opened:
+            code, out, err = self.train('--stream')
         self.assertEqual(code, 0, err)
-        first = out.splitlines()[0]
-        self.assertIn(f'streaming 86 images from {self.data}: held at 8 px they need 0.0 GiB of '
-                      f'RAM, and 1.0 GiB is free', first)
-        n_train, n_valid, n_test = 50, 6, 30
+        self.assertIn(f'streaming 86 images from {self.data}, decoded in every epoch', out)
         # a probe, the 50 train images for their statistics, then 2 epochs of 3 batches of 16
         # and 2 validations, and one test
-        self.assertEqual(opened.call_count, 1 + n_train + 2 * 48 + 2 * n_valid + n_test)
-        self.assertGreater(json.loads(self.out.with_suffix('.json').read_text())['test_acc'], 80)
-        self.assertTrue(self.out.with_suffix('.ckpt').is_file())
+        self.assertEqual(opened.call_count, 1 + 50 + 2 * 48 + 2 * 6 + 30)
+        self.assertGreater(self.record()['test_acc'], 80)
+
+    def test_a_folder_of_class_folders_draws_its_own_test_images(self):
+        # Your photos, a folder per class and no train/ or test/: a fifth of each class (drawn
+        # the same way whatever --seed) are the test images, and --test finds them again.
+        photos = self.dir / 'photos'
+        for name in COLOURS:
+            shutil.copytree(self.data / 'train' / name, photos / name)
+        code, out, err = run_main('--data', photos, '--image-size', 8, '--small-input', '--lr',
+                                  0.01, '--batch-size', 16, '--epochs', 2, '--device', 'cpu',
+                                  '--workers', 1, '--out', self.out, '--seed', 3)
+        self.assertEqual(code, 0, err)
+        self.assertIn(f'{photos} has no train/ and test/ folders: 20% of each class\'s images, '
+                      f'drawn at random, are the test images', out)
+        self.assertIn('39 train, 5 valid and 12 test images', out)  # of 56: 4 a class tested
+        record = self.record()
+        self.assertEqual(record['test_split'], config.TEST_SPLIT)
+        code, tested, err = run_cli_predict('--test', '--weights', self.out, '--device', 'cpu',
+                                            '--workers', 1)
+        self.assertEqual(code, 0, err)
+        self.assertIn(f'test accuracy {record["test_acc"]:.2f}% on 12 images', tested)
+        with contextlib.redirect_stdout(io.StringIO()):
+            files = data.list_image_folder(photos)
+        self.assertEqual(data.list_image_folder(photos, need_train=False).test, files.test)
+        self.assertFalse({f for f, _ in files.train} & {f for f, _ in files.test})
+
+
+def run_cli_predict(*argv):
+    import predict
+    from test_helpers import run_cli
+    return run_cli(predict.main, *argv)
 
 
 class TrainInputTest(unittest.TestCase):
@@ -848,7 +757,7 @@ class TrainInputTest(unittest.TestCase):
         self.assertFails(['--recipe', 'article+dropout'], 'is not a recipe')
 
     def test_bad_numbers(self):
-        for flag in ('--epochs', '--batch-size', '--lr'):
+        for flag in ('--epochs', '--batch-size', '--lr', '--minutes'):
             for value in ('0', '-1'):
                 self.assertFails([flag, value], 'must be positive')
         self.assertFails(['--epochs', 'ten'], 'not a number')
@@ -870,6 +779,8 @@ class TrainInputTest(unittest.TestCase):
 
     def test_contradicting_options(self):
         self.assertFails(['--graph-whole-step', '--no-cuda-graphs'], 'pick one')
+        self.assertFails(['--minutes', '5', '--epochs', '3'], 'pick one')
+        self.assertFails(['--stream'], '--stream reads an image folder')
 
     def test_image_too_small_for_alexnet(self):
         self.assertFails(['--model', 'alexnet', '--image-size', '32'], 'at least 67 px')
@@ -882,12 +793,10 @@ class TrainInputTest(unittest.TestCase):
 
     def test_missing_and_empty_data_folders(self):
         self.assertFails(['--data', self.root / 'nowhere'], 'does not exist')
-        self.assertFails(['--data', self.root], 'needs a train/')
-        (self.root / 'train').mkdir()
-        (self.root / 'test').mkdir()
-        self.assertFails(['--data', self.root], 'no class folders')
-        (self.root / 'train' / 'cat').mkdir()
-        (self.root / 'test' / 'cat').mkdir()
+        self.assertFails(['--data', self.root], 'has no class folders, and a classifier needs')
+        (self.root / 'train' / 'cat').mkdir(parents=True)
+        self.assertFails(['--data', self.root], 'has a train/ folder but no test/')
+        (self.root / 'test' / 'cat').mkdir(parents=True)
         Image.new('RGB', (8, 8)).save(self.root / 'train' / 'cat' / 'a.png')
         Image.new('RGB', (8, 8)).save(self.root / 'test' / 'cat' / 'a.png')
         # One class "trains" a classifier that is always right: refused.
@@ -901,15 +810,15 @@ class TrainInputTest(unittest.TestCase):
         self.assertFails(['--data', self.root], f"{Path(self.root, 'test')} holds no images")
 
     def test_class_sets_differ(self):
-        data = make_colour_folder(self.root / 'd', n_train=1, n_test=1)
-        os.rename(data / 'test', data / 'val')  # no test/: val/ is used instead
-        os.rename(data / 'val' / 'red', data / 'val' / 'orange')
-        self.assertFails(['--data', data], "only in train: ['red'], only in test: ['orange']")
+        data_dir = make_colour_folder(self.root / 'd', n_train=1, n_test=1)
+        os.rename(data_dir / 'test', data_dir / 'val')  # no test/: val/ is used instead
+        os.rename(data_dir / 'val' / 'red', data_dir / 'val' / 'orange')
+        self.assertFails(['--data', data_dir], "only in train: ['red'], only in test: ['orange']")
 
     def test_unreadable_image_is_named(self):
-        data = make_colour_folder(self.root / 'd', n_train=1, n_test=1)
-        (data / 'train' / 'red' / 'broken.png').write_bytes(b'not a png')
-        self.assertFails(['--data', data], 'broken.png is not a readable image')
+        data_dir = make_colour_folder(self.root / 'd', n_train=1, n_test=1)
+        (data_dir / 'train' / 'red' / 'broken.png').write_bytes(b'not a png')
+        self.assertFails(['--data', data_dir], 'broken.png is not a readable image')
 
     def test_cifar10_path_trains(self):
         # The default data path, on a miniature CIFAR-10 in torchvision's format (the real one
@@ -920,9 +829,9 @@ class TrainInputTest(unittest.TestCase):
         g = torch.Generator().manual_seed(0)
         for name in [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']:
             labels = [i % 10 for i in range(10)]
-            data = torch.randint(0, 256, (10, 3072), generator=g, dtype=torch.uint8).numpy()
+            pixels = torch.randint(0, 256, (10, 3072), generator=g, dtype=torch.uint8).numpy()
             with open(folder / name, 'wb') as f:
-                pickle.dump({'data': data, 'labels': labels}, f)
+                pickle.dump({'data': pixels, 'labels': labels}, f)
         with open(folder / 'batches.meta', 'wb') as f:
             pickle.dump({'label_names': [f'class{i}' for i in range(10)]}, f)
         with mock.patch('torchvision.datasets.cifar.check_integrity', return_value=True), \
@@ -944,3 +853,7 @@ class TrainInputTest(unittest.TestCase):
 
     def test_resume_without_checkpoint(self):
         self.assertFails(['--resume'], 'nothing to resume')
+
+
+if __name__ == '__main__':
+    unittest.main()

@@ -4,7 +4,6 @@ import json
 import os
 import unittest
 import urllib.error
-from argparse import Namespace
 from pathlib import Path
 from unittest import mock
 
@@ -15,10 +14,11 @@ import torchvision
 
 import config
 import options
+import predict
 import train
 import transfer
 from resnet import ResNet18, from_torchvision
-from test_helpers import ColourFolderCase, run_main
+from test_helpers import ColourFolderCase, run_cli, run_main
 
 CPU = torch.device('cpu')
 
@@ -72,11 +72,12 @@ class TransferTest(ColourFolderCase):
         self.assertEqual(code, 0, err)
         self.assertIn("resnet18 (ImageNet's weights)", stdout)
         record = json.loads(out.with_suffix('.json').read_text())
-        self.assertEqual((record['start'], record['freeze'], record['small_input']),
-                         ('imagenet resnet18', False, False))
+        self.assertEqual((record['start'], record['args']['freeze'],
+                          record['args']['small_input']), ('imagenet resnet18', False, False))
         self.assertEqual((record['mean'], record['std']),
                          (config.IMAGENET_MEAN, config.IMAGENET_STD))
-        code, _, err = run_main('--eval', out, '--device', 'cpu', '--workers', 1)
+        code, _, err = run_cli(predict.main, '--test', '--weights', out, '--device', 'cpu',
+                               '--workers', 1)
         self.assertEqual(code, 0, err)
 
     def test_pretrained_by_path_and_its_default_size(self):
@@ -87,7 +88,7 @@ class TransferTest(ColourFolderCase):
         self.assertEqual(options.default_image_size(args), 224)
         self.assertEqual(options.default_image_size(options.parse_args([])), config.IMAGE_SIZE)
         self.assertEqual(options.parse_args(['--pretrained']).pretrained, 'imagenet')
-        start = transfer.read_start(args)
+        start = transfer.read_start(args.model, args.pretrained)
         new = transfer.load_start(ResNet18(3), start, ['a', 'b', 'c'])
         self.assertEqual(start.name, f'imagenet {path.resolve()}')
         self.assertEqual(new, {'fc.weight', 'fc.bias'})
@@ -113,10 +114,11 @@ class TransferTest(ColourFolderCase):
         torch.manual_seed(0)
         model = ResNet18(3)
         transfer.start_from(model, from_torchvision(torchvision_resnet18()), 'test')
-        trainable = transfer.freeze(model)
+        trainable = transfer.freeze_all_but_head(model)
         self.assertEqual(trainable, {'fc.weight', 'fc.bias'})
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        optimizer = train.build_optimizer(model, 0.1, CPU, new=trainable)
+        optimizer = train.build_optimizer(model, 0.1, CPU, groups=transfer.parameter_groups(
+            model, trainable, 0.1, config.PRETRAINED_LR_FACTOR))
         (group,) = optimizer.param_groups  # the fc alone, at the full lr
         self.assertEqual((len(group['params']), group['lr']), (2, 0.1))
         trainer = train.Trainer(model, optimizer, train.build_criterion())
@@ -129,20 +131,26 @@ class TransferTest(ColourFolderCase):
     def test_the_layers_that_came_with_the_weights_train_at_the_smaller_lr(self):
         model = ResNet18(3)
         new = transfer.start_from(model, from_torchvision(torchvision_resnet18()), 'test')
-        optimizer = train.build_optimizer(model, 0.1, CPU, new=new)
+        optimizer = train.build_optimizer(model, 0.1, CPU, groups=transfer.parameter_groups(
+            model, new, 0.1, 0.25))
         fresh, came = optimizer.param_groups
         self.assertEqual({id(p) for p in fresh['params']}, {id(model.fc.weight), id(model.fc.bias)})
         self.assertEqual(len(came['params']), len(list(model.parameters())) - 2)
-        self.assertAlmostEqual(came['lr'], 0.1 * config.PRETRAINED_LR_FACTOR)
-        self.assertLess(config.PRETRAINED_LR_FACTOR, 1)
+        self.assertAlmostEqual(came['lr'], 0.1 * 0.25)
         scheduler = train.build_schedule(optimizer, 10)
         for _ in range(5):
             optimizer.step()
             scheduler.step()
-        self.assertAlmostEqual(came['lr'] / fresh['lr'], config.PRETRAINED_LR_FACTOR)
+        self.assertAlmostEqual(came['lr'] / fresh['lr'], 0.25)
         # Nothing new (--init with the same classes): one group, no empty one.
-        (group,) = train.build_optimizer(model, 0.1, CPU, new=set()).param_groups
-        self.assertEqual(len(group['params']), len(list(model.parameters())))
+        (group,) = transfer.parameter_groups(model, set(), 0.1, 0.25)
+        self.assertEqual((len(group['params']), group['lr']), (len(list(model.parameters())),
+                                                               0.1 * 0.25))
+        # Each start brings its own factor (config.py).
+        path = self.dir / 'imagenet.pth'
+        torch.save(torchvision_resnet18(), path)
+        self.assertEqual(transfer.read_start('resnet18', pretrained=str(path)).lr_factor,
+                         config.PRETRAINED_LR_FACTOR)
 
     def test_init_replaces_the_fc_for_other_classes_and_keeps_it_for_the_same(self):
         out = self.dir / 'first.pth'
@@ -152,10 +160,10 @@ class TransferTest(ColourFolderCase):
         for classes, kept in ((['blue', 'green', 'red'], True), (['cat', 'dog', 'fox'], False)):
             torch.manual_seed(1)
             model = ResNet18(3, small_input=True)
-            args = Namespace(pretrained=None, init=str(out), model='resnet18')
-            start = transfer.read_start(args)
+            start = transfer.read_start('resnet18', init=str(out))
             new = transfer.load_start(model, start, classes)
-            self.assertEqual(start.name, f'init {out.resolve()}')
+            self.assertEqual((start.name, start.lr_factor), (f'init {out.resolve()}',
+                                                             config.INIT_LR_FACTOR))
             self.assertEqual(new, set() if kept else {'fc.weight', 'fc.bias'})
             self.assertEqual(torch.equal(model.fc.weight, saved['fc.weight']), kept)
             self.assertTrue(torch.equal(model.conv1.weight, saved['conv1.weight']))
@@ -165,7 +173,8 @@ class TransferTest(ColourFolderCase):
         self.assertEqual(code, 0, err)
         self.assertIn('frozen but the fc', stdout)
         record = json.loads(second.with_suffix('.json').read_text())
-        self.assertEqual((record['start'], record['freeze']), (f'init {out.resolve()}', True))
+        self.assertEqual((record['start'], record['args']['freeze']),
+                         (f'init {out.resolve()}', True))
         code, _, err = self.train('--model', 'resnet34', '--small-input', '--init', out,
                                   out=self.dir / 'third.pth')
         self.assertEqual((code, err.count('\n')), (2, 1), err)
@@ -176,8 +185,7 @@ class TransferTest(ColourFolderCase):
                            (['--pretrained', '--init', 'w.pth'], 'pick one'),
                            (['--pretrained', '--model', 'resnet20'], 'not for resnet20'),
                            (['--pretrained', '--small-input'], 'leave it out'),
-                           (['--pretrained', '--plain'], 'leave it out'),
-                           (['--eval', 'w.pth', '--init', 'w.pth'], 'trains nothing')):
+                           (['--pretrained', '--plain'], 'leave it out')):
             code, _, err = self.train(*argv, out=self.dir / 'w.pth')
             self.assertEqual((code, err.count('\n')), (2, 1), (argv, err))
             self.assertIn(text, err)
@@ -185,7 +193,7 @@ class TransferTest(ColourFolderCase):
     def test_frozen_batchnorm_keeps_its_statistics_in_training(self):
         model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(),
                               nn.Linear(4 * 6 * 6, 2))
-        transfer.freeze(model)  # all but the last layer, '3'
+        transfer.freeze_all_but_head(model)  # all but the last layer, '3'
         model.train()
         mean = model[1].running_mean.clone()
         model(torch.randn(4, 3, 8, 8))

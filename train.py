@@ -1,31 +1,31 @@
-"""Train ResNet18 on CIFAR-10 (or your own image folder): the article's "ResNetを用いた画像認識".
+"""Train ResNet18 on CIFAR-10 (or your own photos): the article's "ResNetを用いた画像認識".
 
 In the article's order: the Trainer, the builders, then its __main__ (data, model, optimizer,
-loaders, epochs), keeping the weights best on the validation images in weight.pth. Its bugs are
-fixed, each marked `# Article:`. What is not the article's idea is one named call you may skip:
-data.py (the data path), speed.py (speed only), saving.py (files, resume, stopping cleanly),
-transfer.py (starting from trained weights), options.py (the command line), errors.py.
-`python train.py --eval weight.pth` tests saved weights (predict.evaluate).
+loaders, the epochs), keeping the weights best on the validation images in weight.pth. Its bugs
+are fixed, each marked `# Article:`. What is not the article's idea is one named call you may
+skip: data.py (the data path), speed.py (speed only), saving.py (files), transfer.py (starting
+from trained weights), budget.py (--minutes), options.py (the command line).
 """
 import math
-import os
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple, Optional
 
-import torch
-import torch.nn as nn
+START = time.monotonic()  # --minutes, and the time a run has left, count from here
 
-import config
-import errors
-import options
-import resnet
-import saving
-import speed
-import transfer
-from alexnet import AlexNet
-from data import Data, Loaders, Split, channel_stats, load_dataset, make_loader, split_valid, \
-    subset
+import torch  # noqa: E402 (after START: importing torch takes seconds)
+import torch.nn as nn  # noqa: E402
+
+import config  # noqa: E402
+import errors  # noqa: E402
+import options  # noqa: E402
+import resnet  # noqa: E402
+import saving  # noqa: E402
+import speed  # noqa: E402
+from alexnet import AlexNet  # noqa: E402
+from data import Data, Loaders, Split, channel_stats, load_dataset, make_loader, \
+    split_valid  # noqa: E402
 
 
 class Trainer:
@@ -48,7 +48,7 @@ class Trainer:
 
     def train_step(self, inputs, targets):
         """One step of the article's loop: forward, loss, backward, SGD update. (On CUDA,
-        speed.record_graphs puts a CUDA graph of this step in its place.)"""
+        speed.cuda_graph_step puts a CUDA graph of this step in its place.)"""
         self.optimizer.zero_grad(set_to_none=True)
         with self.amp.autocast():
             outputs = self.model(inputs)
@@ -118,7 +118,7 @@ class Trainer:
 
     @property
     def params(self):
-        return self.model.state_dict()  # live tensors: copy before keeping (see fit())
+        return self.model.state_dict()  # live tensors: copy before keeping (see train())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,15 +132,14 @@ def build_model(name, num_classes, small_input=False, plain=False):
     return resnet.IMAGENET_RESNETS[name](num_classes, small_input=small_input, plain=plain)
 
 
-def build_optimizer(model, lr, device, fixes=options.FIXES, new=None):
+def build_optimizer(model, lr, device, fixes=options.FIXES, groups=None):
     """SGD with Nesterov momentum and weight decay (config.py); the article's recipe has plain
-    momentum and a smaller decay. On CUDA, fused: one kernel updates every parameter. With
-    `new`, the names of the parameters that did not come with trained weights: the others
-    train at a smaller lr, or not at all when frozen (transfer.parameter_groups)."""
+    momentum and a smaller decay. On CUDA, fused: one kernel updates every parameter. `groups`
+    (transfer.parameter_groups) give the layers that came with trained weights a smaller lr."""
     decay = config.WEIGHT_DECAY if 'decay' in fixes else config.ARTICLE_WEIGHT_DECAY
-    params = model.parameters() if new is None else transfer.parameter_groups(model, new, lr)
-    return torch.optim.SGD(params, lr=lr, momentum=config.MOMENTUM,
-                           nesterov='nesterov' in fixes, weight_decay=decay,
+    return torch.optim.SGD(model.parameters() if groups is None else groups, lr=lr,
+                           momentum=config.MOMENTUM, nesterov='nesterov' in fixes,
+                           weight_decay=decay,
                            fused=True if device.type == 'cuda' else None)  # None: the default
 
 
@@ -152,175 +151,313 @@ def build_criterion(fixes=options.FIXES):
 
 def build_schedule(optimizer, total_steps, fixes=options.FIXES):
     """The lr factor of each step: warm-up, then linear decay to 0 (the article: constant)."""
-    factor = warmup_linear(total_steps, config.WARMUP) if 'lr' in fixes else lambda step: 1.0
+    factor = WarmupLinear(total_steps, config.WARMUP) if 'lr' in fixes else lambda step: 1.0
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def warmup_linear(total_steps, warmup):
-    """lr factor: linear rise over the first `warmup` fraction of steps, then linear to 0."""
-    peak = max(1, round(total_steps * warmup))
+class WarmupLinear:
+    """lr factor: a linear rise over the first `warmup` fraction of total_steps, then linear to
+    0 at total_steps. (--minutes sets total_steps as it plans; the checkpoint keeps it.)"""
 
-    def factor(step):
+    def __init__(self, total_steps, warmup):
+        self.total_steps, self.warmup = total_steps, warmup
+
+    def __call__(self, step):
+        peak = max(1, round(self.total_steps * self.warmup))
         if step < peak:
             return (step + 1) / peak
-        return max(0.0, (total_steps - step) / max(1, total_steps - peak))
-    return factor
+        return max(0.0, (self.total_steps - step) / max(1, self.total_steps - peak))
 
 
 # ----------------------------------------------------------------------------------------------
 # The article's __main__: data, model, optimizer, loaders, the epochs.
 
-def load_data(args, device):
+def load_data(args, fixes, device):
     """CIFAR-10, or the image folder --data; the validation images held out of the training
     images; the mean and std of the training images."""
     t0 = time.perf_counter()
-    train_x, train_y, test_x, test_y, classes = load_dataset(
-        args.data, args.data_root, args.image_size, args.workers, device=device, stream=args.stream)
+    if args.stream:  # a folder too large for memory: decoded batch by batch, every epoch
+        import stream
+        images = stream.load_dataset(args.data, args.image_size, args.workers)
+    else:
+        images = load_dataset(args.data, args.data_root, args.image_size, args.workers,
+                              device=device)
     # Article: it validated on the test set and kept the epoch best there, so the accuracy it
     # reported was chosen on the images it was measured on. Validation images, held out of the
     # training images, choose here; the test images are measured once, at the end.
-    train_idx, valid_idx = split_valid(train_y, args.valid_split, args.seed)
-    train = Split(subset(train_x, train_idx), train_y[train_idx])
-    valid = Split(subset(train_x, valid_idx), train_y[valid_idx])
+    train_idx, valid_idx = split_valid(images.train.labels, args.valid_split, args.seed)
+    train, valid = (Split(images.train.images[i], images.train.labels[i])
+                    for i in (train_idx, valid_idx))
     # Article: raw [0, 1] pixels, and no augmentation. The fixes normalise with the training
     # images' statistics (ImageNet's for its weights), and crop and flip each training image
     # anew each epoch (the loader).
     if args.pretrained:  # what torchvision's weights were trained with, whatever the recipe
         mean, std = config.IMAGENET_MEAN, config.IMAGENET_STD
-    elif 'norm' in options.fixes_of(args.recipe):
-        mean, std = channel_stats(train.images, workers=args.workers or os.cpu_count() or 1)
+    elif 'norm' in fixes:
+        mean, std = channel_stats(train.images)
     else:
         mean, std = [0.0] * 3, [1.0] * 3
-    print(f'{len(train.labels):,} train, {len(valid.labels):,} valid and {len(test_y):,} test '
-          f'images, {len(classes)} classes, held at {train.images.shape[-1]} px, fed at '
-          f'{args.image_size} px; mean {[round(m, 4) for m in mean]}, std '
-          f'{[round(s, 4) for s in std]} ({time.perf_counter() - t0:.1f} s)')
-    return Data(train, valid, Split(test_x, test_y), classes, mean, std)
+    print(f'{len(train.labels):,} train, {len(valid.labels):,} valid and '
+          f'{len(images.test.labels):,} test images, {len(images.classes)} classes, held at '
+          f'{train.images.shape[-1]} px, fed at {args.image_size} px; mean '
+          f'{[round(m, 4) for m in mean]}, std {[round(s, 4) for s in std]} '
+          f'({time.perf_counter() - t0:.1f} s)')
+    return Data(train, valid, images.test, images.classes, mean, std, images.test_split)
 
 
-def build_loaders(data, args, device):
+def build_loaders(data, args, fixes, device):
     # Article: PIL decoded and resized every image in every epoch. Here each is decoded once,
     # and the loaders crop, flip and normalise whole batches on the device (data.py).
+    if args.stream:
+        import stream
+    make = stream.make_loader if args.stream else make_loader
     common = dict(mean=data.mean, std=data.std, image_size=args.image_size, device=device,
-                  workers=args.workers, memory_format=speed.memory_format(device))
-    train = make_loader(*data.train, batch_size=args.batch_size, train=True, seed=args.seed,
-                        augment='augment' in options.fixes_of(args.recipe), **common)
+                  memory_format=speed.memory_format(device))
+    train = make(*data.train, batch_size=args.batch_size, train=True, seed=args.seed,
+                 augment='augment' in fixes, **common)
     eval_batch = options.eval_batch_size(args.batch_size)
-    valid, test = (make_loader(*split, batch_size=eval_batch, train=False, **common)
+    valid, test = (make(*split, batch_size=eval_batch, train=False, **common)
                    if len(split.labels) else None for split in (data.valid, data.test))
     return Loaders(train, valid, test)
 
 
-def train(args, device):
-    """The article's __main__: the data, the model, the optimizer, the loaders and the
-    Trainer, then the epochs (fit) and the one look at the test set (test_once).
-    Article: the model came first; here the data does, as the classes and the batch size
-    come from it. --image-size, --batch-size and --lr left out are set here (options.py)."""
-    checkpoint = saving.load_checkpoint(Path(args.out).with_suffix('.ckpt')) \
-        if args.resume else None  # read first, so that a bad one fails fast
-    start = transfer.read_start(args)  # --pretrained or --init: read first too
+def weight_record(args, data, precision, start):
+    """weight.json: the run's arguments, and what predict.py needs to prepare an image for the
+    weights (the classes, the held size, the mean and std); the run adds its accuracies."""
+    return {'args': vars(args), 'classes': data.classes, 'held_size': data.train.images.shape[-1],
+            'mean': data.mean, 'std': data.std, 'test_split': data.test_split,
+            'data': str(Path(args.data).resolve()) if args.data else 'cifar10',
+            'start': start.name if start else 'random', 'precision': speed.precision_name(precision)}
+
+
+class Best(NamedTuple):
+    """The best weights so far: their validation accuracy (None without validation images:
+    then the last epoch's), their epoch, and a copy of them."""
+    valid_acc: Optional[float]
+    epoch: int
+    params: dict
+
+
+def train(args, given, device):
+    """The article's __main__: the data, the model, the optimizer, the loaders and the Trainer,
+    then the epochs and the one look at the test set. Article: the model came first; here the
+    data does, as the classes and the batch size come from it. `given`: the options on the
+    command line (options.given), which --resume checks against the run's own."""
+    out = Path(args.out)
+    if args.resume:  # the stopped run's own arguments, from its checkpoint (read first)
+        checkpoint = saving.load_checkpoint(out.with_suffix('.ckpt'))
+        args = options.resumed(args, given, checkpoint['args'])
+        if checkpoint['epoch'] >= args.epochs:
+            print(f'{out.with_suffix(".ckpt")}: that run already finished ({args.epochs} epochs)')
+            return 0
+    else:
+        checkpoint = saving.claim(out)  # None; an earlier run's weights stay untouched
+    fixes = options.fixes_of(args.recipe)  # the recipe, parsed once
+    start = None  # random weights, as in the article
+    if args.pretrained or args.init:  # or trained ones (transfer.py), read first too
+        import transfer
+        start = transfer.read_start(args.model, args.pretrained, args.init)
     precision = speed.choose_precision(args.precision, device)
     args.image_size = args.image_size or options.default_image_size(args)  # 224: --pretrained
     t0 = time.perf_counter()
-    data = load_data(args, device)
-    timings = {'loading data': time.perf_counter() - t0}
+    data = load_data(args, fixes, device)
+    seconds = {'loading data': time.perf_counter() - t0}
     args.batch_size, args.lr, args.epochs = options.train_defaults(args, len(data.train.labels))
-    fixes = options.fixes_of(args.recipe)
 
     torch.manual_seed(args.seed)
     model = build_model(args.model, len(data.classes), args.small_input, args.plain)
-    new = transfer.load_start(model, start, data.classes)  # random, ImageNet's or --init
-    if args.freeze:
-        new = transfer.freeze(model)  # the fc alone trains, at the full lr
+    # The trained weights, loaded (with --freeze, all but the fc frozen); None: random ones.
+    groups = transfer.load(model, start, data.classes, args.freeze, args.lr) if start else None
     model = speed.prepare_model(model, device)  # on the device; on the CPU, OnePixelConv2d
     # Article: SGD (momentum 0.9, weight decay 1e-4) at a constant lr of 0.001 (README, "What
-    # the recipe buys").
-    optimizer = build_optimizer(model, args.lr, device, fixes, new)
-    loaders = build_loaders(data, args, device)
-    scheduler = build_schedule(optimizer, args.epochs * len(loaders.train), fixes)
-    trainer = Trainer(model, optimizer, build_criterion(fixes), device, scheduler, precision)
-    record = saving.WeightRecord.of_run(args, data.classes, data.mean, data.std,
-                                        data.train.images.shape[-1], precision, start.name)
-    # Article: torch.save once, after the last epoch. Run writes weight.pth (and weight.json,
-    # the record) as the run goes, checks the weights already there, and resumes --resume.
-    run = saving.Run(trainer, record, args, checkpoint, timings)
-    if run.start > args.epochs:
-        return 0
-    how = speed.prepare_trainer(trainer, loaders.train, args, run.timings)  # CUDA graphs, ...
-    print_header(args, device, run.record.precision, how, len(loaders.train))
-    with run:
-        fit(trainer, loaders, args, run)
-        test_once(trainer, loaders.test, run)
-        run.report(trainer.class_accuracy, len(loaders.test.labels))
-    return run.exit_code
+    # the recipe buys"). The layers that came with trained weights train at a smaller lr.
+    optimizer = build_optimizer(model, args.lr, device, fixes, groups)
+    loaders = build_loaders(data, args, fixes, device)
+    trainer = Trainer(model, optimizer, build_criterion(fixes), device, precision=precision)
+    clock = None
+    if args.minutes and not checkpoint:  # the epochs that fit in --minutes (budget.py)
+        import budget
+        clock = budget.Budget(args.minutes, START)
+        step = budget.seconds_per_step(trainer.train_step, model, optimizer, trainer.amp,
+                                       loaders.train)
+        args.epochs = clock.first_plan(step, len(loaders.train), args.batch_size,
+                                       len(data.valid.labels), len(data.test.labels),
+                                       seconds['loading data'])
+    trainer.scheduler = build_schedule(optimizer, args.epochs * len(loaders.train), fixes)
+    record, history, best, first = weight_record(args, data, precision, start), [], None, 1
+    if checkpoint:  # Article: none. Here a stopped run goes on as if it had never stopped.
+        saving.resume(checkpoint, model, optimizer, trainer.scheduler, trainer.amp, device)
+        history, first = checkpoint['history'], checkpoint['epoch'] + 1
+        if out.exists():  # the best weights it kept: this run's, as --out is its alone
+            kept = saving.read_record(out)
+            best = Best(kept['valid_acc'], kept['best_epoch'], saving.load_weights(out))
+        print(f'resuming from epoch {first - 1} of {args.epochs}')
+    trainer.train_step, how, seconds['recording CUDA graphs'] = speed.prepare_step(
+        trainer.train_step, model, optimizer, trainer.amp, loaders.train, args.model,
+        args.cuda_graphs, args.graph_whole_step)  # on CUDA, graphs; on the CPU, the route
+    print_header(args, device, precision, how, len(loaders.train))
+
+    # Article: this loop, then torch.save(best_params) once. Here the best weights so far (a
+    # copy), weight.json, the epochs and the checkpoint are written every --save-every seconds
+    # and at the end; Ctrl-C, a NaN loss or running out of memory end the run with them saved.
+    last_save = time.monotonic()
+    try:
+        for row in fit(trainer, loaders, first, args):
+            history.append(row)
+            if best is None or row['valid_acc'] is None or row['valid_acc'] > best.valid_acc:
+                # Article: it kept `trainer.params`, a live view of the weights, so the "best"
+                # weights it saved were the last epoch's. Copy them.
+                best = Best(row['valid_acc'], row['epoch'],
+                            {k: v.detach().clone() for k, v in trainer.params.items()})
+            if clock:  # plan again from the epochs so far; the lr schedule follows
+                args.epochs = clock.replan(row['epoch'])
+                trainer.scheduler.lr_lambdas[0].total_steps = args.epochs * len(loaders.train)
+            if row['epoch'] == args.epochs or time.monotonic() - last_save >= args.save_every:
+                save(out, record, best, trainer, history, args)
+                last_save = time.monotonic()
+    except (KeyboardInterrupt, FloatingPointError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not errors.out_of_memory(e):
+            raise
+        save(out, record, best)  # the best weights so far
+        epoch = history[-1]['epoch'] + 1 if history else first
+        print(f'\n{stopped(e, args, device, out, epoch)}', file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else 1
+
+    # The one look at the test set, at the weights the validation images chose.
+    seconds.update(training=sum(r['train_seconds'] for r in history),
+                   evaluating=sum(r['valid_seconds'] for r in history))
+    t0 = time.perf_counter()
+    model.load_state_dict(best.params)
+    _, record['test_acc'] = trainer.epoch_valid(loaders.test)
+    seconds['testing'] = time.perf_counter() - t0
+    save(out, record, best)
+    report(record, best, seconds, trainer.class_accuracy, len(data.test.labels), out)
+    return 0
 
 
 def print_header(args, device, precision, how, batches):
     """The network, where and how it trains, and for how long."""
     recipe = f', the recipe {args.recipe}' if args.recipe != 'fixed' else ''
-    print(f'{options.describe(args)}, {device.type}, {precision}, {how}{recipe}, '
-          f'{args.epochs} epoch{"s" * (args.epochs > 1)} of {batches} batch{"es" * (batches > 1)} '
-          f'of {args.batch_size}, peak lr {args.lr}')
+    length = (f'about {args.epochs} epochs of {batches} batches of {args.batch_size} in '
+              f'{args.minutes:g} min' if args.minutes else
+              f'{args.epochs} epoch{"s" * (args.epochs > 1)} of {batches} '
+              f'batch{"es" * (batches > 1)} of {args.batch_size}')
+    print(f'{options.describe(args)}, {device.type}, {speed.precision_name(precision)}, {how}'
+          f'{recipe}, {length}, peak lr {args.lr}')
 
 
-def fit(trainer, loaders, args, run):
-    """The article's epoch loop: train, validate, keep the best weights (a copy), print."""
-    for epoch in range(run.start, args.epochs + 1):
-        run.epoch = epoch
+def fit(trainer, loaders, first, args):
+    """The article's epoch loop: train and validate each epoch from `first` to args.epochs
+    (read before each epoch: --minutes plans again), print it, and yield its row."""
+    epoch, spent = first, []
+    while epoch <= args.epochs:
         t0 = time.perf_counter()
         loaders.train.set_epoch(epoch)
         train_loss, train_acc = trainer.epoch_train(loaders.train)
-        train_seconds = time.perf_counter() - t0
+        t1 = time.perf_counter()
         if not math.isfinite(train_loss):
-            raise saving.Diverged(f'the loss became {train_loss} in epoch {epoch}',
-                                  f'try a lower --lr than {args.lr}')
+            raise FloatingPointError(f'the loss became {train_loss} in epoch {epoch}')
         valid_loss, valid_acc = (trainer.epoch_valid(loaders.valid) if loaders.valid
                                  else (None, None))  # --valid-split 0: the last epoch is kept
-        if run.is_better(valid_acc):
-            # Article: it kept `trainer.params`, a live view of the weights, so the "best"
-            # weights it saved were the last epoch's. Copy them.
-            run.keep(epoch, valid_acc, {k: v.detach().clone() for k, v in trainer.params.items()})
-        row = saving.epoch_row(epoch, train_loss, train_acc, valid_loss, valid_acc,
-                               trainer.optimizer.param_groups[0]['lr'], time.perf_counter() - t0,
-                               len(loaders.train) * args.batch_size / train_seconds)
-        print_epoch(row, args.epochs)
-        run.end_epoch(row, train_seconds)
+        spent.append(time.perf_counter() - t0)
+        row = {'epoch': epoch, 'train_loss': round(train_loss, 4),
+               'train_acc': round(train_acc, 2), 'valid_loss': valid_loss and round(valid_loss, 4),
+               'valid_acc': valid_acc and round(valid_acc, 2),
+               'lr': round(trainer.optimizer.param_groups[0]['lr'], 6),
+               'train_seconds': round(t1 - t0, 2), 'valid_seconds': round(spent[-1] - t1 + t0, 2),
+               'img_per_s': round(len(loaders.train) * loaders.train.batch_size / (t1 - t0))}
+        print_epoch(row, args.epochs, (args.epochs - epoch) * sum(spent) / len(spent))
+        yield row
+        epoch += 1
 
 
-def print_epoch(row, epochs):
+def print_epoch(row, epochs, left):
     # Article: three lines an epoch, the first with {num_epochs}, a name it never defined:
-    # NameError in epoch 1. Here one line.
+    # NameError in epoch 1. Here one line, with the time the run has left.
     valid = (f'valid loss {row["valid_loss"]:.3f} acc {row["valid_acc"]:5.2f}%'
              if row['valid_acc'] is not None else 'no validation')
     print(f'epoch {row["epoch"]:>{len(str(epochs))}}/{epochs}  '
           f'train loss {row["train_loss"]:.3f} acc {row["train_acc"]:5.2f}%  {valid}  '
-          f'lr {row["lr"]:.4f}  {row["seconds"]:5.1f}s  {row["img_per_s"]:,} img/s', flush=True)
+          f'lr {row["lr"]:.4f}  {row["train_seconds"] + row["valid_seconds"]:5.1f}s  '
+          f'{row["img_per_s"]:,} img/s' + (f'  about {in_words(left)} left' if row['epoch'] < epochs
+                                           else ''),
+          flush=True)
 
 
-def test_once(trainer, test_loader, run):
-    """The one look at the test set, at the weights this run chose (if it beat --out's)."""
-    if run.best.params is None:
-        return
-    t0 = time.perf_counter()
-    trainer.model.load_state_dict(run.best.params)
-    _, test_acc = trainer.epoch_valid(test_loader)
-    run.record_test(test_acc, time.perf_counter() - t0)
+def in_words(seconds):
+    return f'{seconds / 60:.0f} min' if seconds >= 90 else f'{math.ceil(seconds)} s'
+
+
+def save(out, record, best, trainer=None, history=None, args=None):
+    """Write the best weights (if new since the last save) and weight.json; after an epoch,
+    with `history`, the checkpoint and the epochs (weight.csv, weight.png) too."""
+    if best is not None and record.get('best_epoch') != best.epoch:
+        saving.save_torch(best.params, out)
+    if best is not None:
+        record.update(valid_acc=best.valid_acc, best_epoch=best.epoch)
+        saving.write_record(record, out.with_suffix('.json'))
+    if history:
+        record['steps'] = trainer.scheduler.last_epoch  # the training steps taken
+        saving.save_checkpoint(out.with_suffix('.ckpt'), history[-1]['epoch'], vars(args),
+                               history, trainer.model, trainer.optimizer, trainer.scheduler,
+                               trainer.amp, trainer.device)
+        saving.save_history(history, out)
+
+
+def stopped(e, args, device, out, epoch):
+    """What stopped the run in `epoch`, what was kept, and how to go on: one sentence."""
+    if isinstance(e, KeyboardInterrupt):
+        what, then = f'interrupted in epoch {epoch}', 'to go on: python train.py --resume'
+    else:
+        what = f'error: {e}' if isinstance(e, FloatingPointError) else \
+            f'error: in epoch {epoch}, {out_of_memory_advice(args, device.type)}'
+        then = (f'try a lower --lr than {args.lr} in a new run' if isinstance(e, FloatingPointError) else
+                'in a new run')
+        then += ' (--out NEW.pth)'
+    if not out.with_suffix('.ckpt').exists():
+        then = 'no epoch had finished, so nothing was saved' if not out.exists() else then
+    elif args.out != config.OUT_PATH and 'resume' in then:
+        then += f' --out {args.out}'
+    kept = f'the best weights so far are in {out}; ' if out.exists() else ''
+    return f'{what}; {kept}{then}'
+
+
+def report(record, best, seconds, class_accuracy, n_test, out):
+    """The run's last lines: per-class test accuracy, where the time went, what was kept."""
+    chosen = (f'epoch {best.epoch}, chosen by its valid accuracy {best.valid_acc:.2f}%'
+              if best.valid_acc is not None else f'epoch {best.epoch}, the last: no validation')
+    print(f'per-class test accuracy ({chosen}):')
+    print_class_accuracy(record['classes'], class_accuracy)
+    print('seconds: ' + ', '.join(f'{name} {s:.1f}' for name, s in seconds.items() if s) +
+          f'; in all, from the start, {time.monotonic() - START:.1f}')
+    print(f'done: test accuracy {record["test_acc"]:.2f}% on the {n_test:,} test images, '
+          f'measured once ({chosen}); saved to {out}')
+
+
+def print_class_accuracy(classes, accuracy):
+    width = max(len(c) for c in classes)
+    for name, acc in zip(classes, accuracy):
+        print(f'  {name:<{width}}  {acc:6.2f}%')
+
+
+def out_of_memory_advice(args, device='cpu'):
+    """What ran out of memory, and what to pass."""
+    return (f'the {device} ran out of memory for batches of {args.batch_size or "the default"} '
+            f'images at {args.image_size or options.default_image_size(args)} px; pass a '
+            f'smaller --batch-size or --image-size')
 
 
 def main(argv=None):
     args = options.parse_args(argv)
-    return errors.guarded(lambda: run_command(args), lambda: saving.out_of_memory_advice(
+    return errors.guarded(lambda: run(args, argv), lambda: out_of_memory_advice(
         args, options.pick_device(args.device).type))  # one sentence, not a traceback
 
 
-def run_command(args):
+def run(args, argv):
     torch.set_float32_matmul_precision('high')  # TF32 on Ampere and later; no-op on CPU
     options.check_args(args)
-    device = options.pick_device(args.device)
-    if args.eval:
-        import predict  # testing saved weights lives with loading them
-        return predict.evaluate(args, device)
-    return train(args, device)
+    given = options.given(argv) if args.resume else {}  # what --resume checks
+    return train(args, given, options.pick_device(args.device))
 
 
 if __name__ == '__main__':

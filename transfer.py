@@ -5,7 +5,7 @@ weights API, which downloads once and caches under TORCH_HOME), or such a file b
 takes any weight.pth of the same model, such as this repository's CIFAR-10 weights. The
 network's last layer (its head: the fc) is new when the classes differ. --freeze trains the
 head alone, on the features of the frozen network; without it every layer trains, those that
-came with the weights at a smaller lr (config.PRETRAINED_LR_FACTOR).
+came with the weights at a smaller lr (config.py's factors).
 """
 import re
 from pathlib import Path
@@ -26,28 +26,36 @@ def head_name(model):
 
 def imagenet_weights(model_name, path=None):
     """torchvision's ImageNet state_dict for model_name, with this repository's names: from
-    the file at path, or through torchvision's weights API (downloaded once, then cached)."""
-    if path is not None:
-        if not path.is_file():
-            raise UsageError(f'no file at {path}: --pretrained PATH takes torchvision\'s ImageNet '
-                             f'weights file (for {model_name}, the one --pretrained downloads)')
-        state = saving.load_weights(path)
-        if not any(re.match(r'layer\d\.\d+\.', k) for k in state):
-            raise UsageError(f'{path} is not in torchvision\'s format (it looks like a weight.pth '
-                             f'of this repository); start from it with --init {path}')
-        return resnet.from_torchvision(state)
-    import torchvision  # here: only --pretrained needs it
-    weights = torchvision.models.get_model_weights(model_name).DEFAULT
-    try:
-        state = weights.get_state_dict(progress=True)
-    except Exception as e:  # offline, refused, truncated download, ...
+    the file at path, or from the cache under TORCH_HOME, where it is downloaded the first time
+    (as torchvision's weights API does: the same file, its hash checked)."""
+    if path is None:
         import torch.hub
-        cache = Path(torch.hub.get_dir()) / 'checkpoints'
-        raise UsageError(
-            f'could not get torchvision\'s {weights} ({type(e).__name__}); without internet, '
-            f'fetch {weights.url} on another machine and put it in {cache} (where torchvision '
-            f'looks; set TORCH_HOME to move it), or pass its path: --pretrained PATH') from None
+        import torchvision  # here: only --pretrained needs it
+        url = torchvision.models.get_model_weights(model_name).DEFAULT.url
+        path = Path(torch.hub.get_dir(), 'checkpoints', url.rsplit('/', 1)[1])
+        if not path.is_file():
+            download(url, path)
+    elif not path.is_file():
+        raise UsageError(f'no file at {path}: --pretrained PATH takes torchvision\'s ImageNet '
+                         f'weights file (for {model_name}, the one --pretrained downloads)')
+    state = saving.load_weights(path)
+    if not any(re.match(r'layer\d\.\d+\.', k) for k in state):
+        raise UsageError(f'{path} is not in torchvision\'s format (it looks like a weight.pth '
+                         f'of this repository); start from it with --init {path}')
     return resnet.from_torchvision(state)
+
+
+def download(url, path):
+    import torch.hub
+    print(f'downloading {url} to {path}', flush=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, path, torch.hub.HASH_REGEX.search(path.name)[1])
+    except Exception as e:  # offline, refused, truncated download, ...
+        raise UsageError(
+            f'could not download {url} ({type(e).__name__}); without internet, fetch it on '
+            f'another machine and put it in {path.parent} (where torchvision looks; set '
+            f'TORCH_HOME to move it), or pass its path: --pretrained PATH') from None
 
 
 def start_from(model, state, source, same_classes=False):
@@ -68,40 +76,49 @@ def start_from(model, state, source, same_classes=False):
 
 
 class Start(NamedTuple):
-    """Where a run starts: its name for weight.json ('random', 'imagenet ...', 'init PATH'),
-    the state_dict (None: random weights) and, for --init, the classes it was trained on."""
+    """Where a run starts: its name for weight.json ('imagenet ...', 'init PATH'), the
+    state_dict, for --init the classes it was trained on, and the lr factor of the layers that
+    come with the weights."""
     name: str
-    state: Optional[dict] = None
+    state: dict
+    lr_factor: float
     classes: Optional[list] = None
 
 
-def read_start(args):
+def read_start(model_name, pretrained=None, init=None):
     """The weights --pretrained or --init name, read before the data so that a missing file
     or a failed download stops the run at once."""
-    if args.pretrained:
-        path = None if args.pretrained == 'imagenet' else Path(args.pretrained)
-        return Start(f'imagenet {path.resolve()}' if path else f'imagenet {args.model}',
-                     imagenet_weights(args.model, path))
-    if args.init:
-        path = Path(args.init)
+    if pretrained:
+        path = None if pretrained == 'imagenet' else Path(pretrained)
+        return Start(f'imagenet {path.resolve()}' if path else f'imagenet {model_name}',
+                     imagenet_weights(model_name, path), config.PRETRAINED_LR_FACTOR)
+    if init:
+        path = Path(init)
         state = saving.load_weights(path)
         was = saving.read_json(path.with_suffix('.json')) or {}
-        if was.get('model', args.model) != args.model:
-            raise UsageError(f'{path} holds a {was["model"]}; pass --model {was["model"]}')
-        return Start(f'init {path.resolve()}', state, was.get('classes'))
-    return Start('random')
+        model = was.get('args', {}).get('model', model_name)
+        if model != model_name:
+            raise UsageError(f'{path} holds a {model}; pass --model {model}')
+        return Start(f'init {path.resolve()}', state, config.INIT_LR_FACTOR, was.get('classes'))
+    raise ValueError('read_start needs pretrained or init')
 
 
 def load_start(model, start, classes):
-    """Load the Start into model; return the names of its new parameters (every name for
-    random weights; the head's for ImageNet's weights or another set of classes)."""
-    if start.state is None:
-        return {name for name, _ in model.named_parameters()}
-    same = start.name.startswith('init') and start.classes in (None, list(classes))
+    """Load the Start's weights into model; return the names of its new parameters: the
+    head's for ImageNet's weights or another set of classes, else none."""
+    same = start.classes is not None and list(start.classes) == list(classes)
     return start_from(model, start.state, f'the weights of {start.name}', same_classes=same)
 
 
-def freeze(model):
+def load(model, start, classes, freeze, lr):
+    """Load the Start into model, and with `freeze`, freeze all but its head; return the
+    optimizer's parameter groups (parameter_groups)."""
+    new = load_start(model, start, classes)
+    return parameter_groups(model, freeze_all_but_head(model) if freeze else new, lr,
+                            start.lr_factor)
+
+
+def freeze_all_but_head(model):
     """Train the head alone (head_name): the other parameters get no gradient, and the
     BatchNorm layers among them keep the statistics they came with (eval mode in training).
     Returns the names of the head's parameters, the ones that train."""
@@ -119,12 +136,12 @@ def keep_statistics(module, inputs):
     module.train(False)  # a frozen BatchNorm normalises with its stored mean and variance
 
 
-def parameter_groups(model, new, lr):
+def parameter_groups(model, new, lr, factor):
     """The optimizer's groups: the new parameters at lr, those that came with the weights at
-    lr * config.PRETRAINED_LR_FACTOR (left out when frozen); an empty group is left out."""
+    lr * factor (left out when frozen); an empty group is left out."""
     came, fresh = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (fresh if name in new else came).append(p)
-    groups = [{'params': fresh, 'lr': lr}, {'params': came, 'lr': lr * config.PRETRAINED_LR_FACTOR}]
+    groups = [{'params': fresh, 'lr': lr}, {'params': came, 'lr': lr * factor}]
     return [g for g in groups if g['params']]

@@ -1,0 +1,91 @@
+"""--minutes M: a run that ends within M minutes, and how long any run has left.
+
+Before its first epoch, a run with a budget times a few training steps (then puts the weights
+back) and plans the whole epochs that fit in what is left of the M minutes, keeping back time
+for the validation, the one test and the saving. After each epoch it plans again from the
+epochs' measured times. The lr schedule (warm-up, then linear decay) follows the plan, so it
+reaches 0 at the end of the last epoch that fits (Li, Yumer and Ramanan, "Budgeted Training",
+2020: under a fixed budget, decaying linearly to 0 at its end does best).
+"""
+import itertools
+import math
+import time
+
+import torch
+
+from errors import UsageError
+
+MARGIN = 0.04       # of the budget, kept back for what varies (the machine, the saves)
+EXIT_SECONDS = 2.0  # the interpreter's exit after the last line, which torch makes slow
+EVAL_COST = 0.4     # an image evaluated costs about this much of one trained (no backward)
+
+
+class Budget:
+    """The time a run has: `minutes` from `start` (a time.monotonic() reading)."""
+
+    def __init__(self, minutes, start):
+        self.seconds, self.start = 60 * minutes, start
+        self.deadline = start + self.seconds
+
+    def first_plan(self, step_seconds, steps, batch_size, n_valid, n_test, data_seconds):
+        """The epochs that fit, before the first: an epoch is `steps` training steps of
+        step_seconds and a validation of n_valid images, and the test follows the last.
+        One sentence, naming the time the data took, when not one fits."""
+        per_image = EVAL_COST * step_seconds / batch_size
+        self.test_seconds = n_test * per_image + EXIT_SECONDS
+        self.began = self.last = time.monotonic()
+        epoch = steps * step_seconds + n_valid * per_image
+        epochs = self.epochs(epoch)
+        if epochs == 0:
+            need = (self.began - self.start + epoch + self.test_seconds) / (1 - MARGIN)
+            raise UsageError(f'--minutes {self.seconds / 60:g} is too short to train: starting '
+                             f'took {self.began - self.start:.0f} s (reading the data '
+                             f'{data_seconds:.0f} s), and one epoch would take about '
+                             f'{epoch:.0f} s more; give --minutes {math.ceil(need / 6) / 10:g} '
+                             f'or more')
+        return epochs
+
+    def replan(self, done):
+        """The epochs that fit after `done` of them: each as long as their mean so far, or
+        as the last, if it was longer."""
+        now = time.monotonic()
+        epoch, self.last = max((now - self.began) / done, now - self.last), now
+        return self.epochs(epoch, done)
+
+    def epochs(self, epoch_seconds, done=0):
+        """`done`, and as many more epochs of epoch_seconds as fit before the test and the
+        exit."""
+        left = self.deadline - time.monotonic() - self.test_seconds - MARGIN * self.seconds
+        return done + max(0, int(left // epoch_seconds))
+
+
+def seconds_per_step(step, model, optimizer, scaler, batches, steps=3):
+    """How long step(inputs, targets) takes: the mean of `steps` calls after one that warms up.
+    Everything the calls change is put back: the weights and buffers, the optimizer's momentum
+    (none yet), the loss scaler and the random generators."""
+    saved = [t.detach().clone() for t in (*model.parameters(), *model.buffers())]
+    scale = scaler.state_dict()
+    device = saved[0].device
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+        for i, (inputs, targets) in enumerate(itertools.islice(itertools.cycle(batches),
+                                                               steps + 1)):
+            if i == 1:
+                sync(device)
+                t0 = time.perf_counter()
+            step(inputs, targets.long())
+        sync(device)
+        seconds = (time.perf_counter() - t0) / steps
+    with torch.no_grad():
+        for t, s in zip((*model.parameters(), *model.buffers()), saved):
+            t.copy_(s)
+    optimizer.state.clear()
+    optimizer.zero_grad(set_to_none=True)
+    scaler.load_state_dict(scale)
+    return seconds
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    elif device.type == 'mps':
+        torch.mps.synchronize()
