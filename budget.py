@@ -45,17 +45,22 @@ class Budget:
                              f'or more')
         return epochs
 
-    def replan(self, done):
-        """The epochs that fit after `done` of them: each as long as their mean so far, or
-        as the last, if it was longer."""
+    def replan(self, done, planned):
+        """The epochs to train after `done` of them, `planned` so far: as many still, while they
+        fit before the deadline; fewer once they do not; more once two more fit with the
+        margin kept (a plan that changed by one epoch back and forth would move the lr to and
+        fro). Each epoch is taken as long as their mean so far, or as the last, if longer."""
         now = time.monotonic()
         epoch, self.last = max((now - self.began) / done, now - self.last), now
-        return self.epochs(epoch, done)
+        if self.epochs(epoch, done, margin=0) < planned:
+            return self.epochs(epoch, done)
+        more = self.epochs(epoch, done)
+        return more if more >= planned + 2 else planned
 
-    def epochs(self, epoch_seconds, done=0):
+    def epochs(self, epoch_seconds, done=0, margin=MARGIN):
         """`done`, and as many more epochs of epoch_seconds as fit before the test and the
-        exit."""
-        left = self.deadline - time.monotonic() - self.test_seconds - MARGIN * self.seconds
+        exit, with `margin` of the budget kept back."""
+        left = self.deadline - time.monotonic() - self.test_seconds - margin * self.seconds
         return done + max(0, int(left // epoch_seconds))
 
 

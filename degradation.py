@@ -245,9 +245,12 @@ def main(argv=None):
               f'lr {args.lr}', flush=True)
         records = [train_net(depth, plain, loaders, images.classes, args, device, amp_dtype,
                              fixes) for plain in (True, False) for depth in sorted(args.depths)]
-    except (UsageError, FloatingPointError) as e:
+    except UsageError as e:
         print(f'error: {e}', file=sys.stderr)
-        return 2 if isinstance(e, UsageError) else 1
+        return 2
+    except FloatingPointError as e:  # train.fit's
+        print(f'error: the loss became {e}; try a lower --lr than {args.lr}', file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print('\ninterrupted; nothing was written', file=sys.stderr)
         return 130

@@ -45,12 +45,20 @@ class BudgetTest(unittest.TestCase):
             self.assertEqual(epochs, 8)
             self.assertLessEqual(10 + epochs * epoch + after, 60 * (1 - budget.MARGIN))
             # The epochs turn out slower (6 s): fewer fit; then one faster (3 s): their mean,
-            # 5 s, lets more fit; then a slow one (10 s) counts more than the mean.
-            for now, done, epoch, fit in ((16, 1, 6, 6), (22, 2, 6, 5), (25, 3, 5, 5),
-                                          (35, 4, 10, 1)):
+            # 5 s, lets one more fit, which is not enough to change the plan; then a slow one
+            # (10 s) counts more than the mean; then a fast one (1 s) lets three more fit.
+            for now, done, planned in ((16, 1, 1 + 6), (22, 2, 7), (25, 3, 7), (35, 4, 4 + 1),
+                                       (36, 5, 5 + 3)):
                 clock.now = train.START + now
-                self.assertEqual(plan.replan(done), done + fit, now)
-                self.assertEqual(fit, int((60 - now - after - 2.4) // epoch))
+                self.assertEqual(plan.replan(done, epochs), planned, now)
+                epochs = planned
+            # After 5 epochs of 6 s, 16 s are left: two more fit before the test and the exit,
+            # not with the margin. A plan of 7 stands; one of 8 shrinks to what fits with the
+            # margin kept; one of 5 stays, one of 4 grows: two more fit.
+            for planned, then in ((7, 7), (8, 6), (5, 5), (4, 6)):
+                plan.began, plan.last = train.START + 14, train.START + 38
+                clock.now = train.START + 44
+                self.assertEqual(plan.replan(5, planned), then, planned)
 
     def test_too_short_a_budget_is_one_sentence(self):
         with FakeClock(elapsed=9).patch():

@@ -543,8 +543,9 @@ class TrainTest(ColourFolderCase):
         with fake_epochs('epoch_train', nan_in_epoch_2):
             code, _, err = self.train('--save-every', 1000)
         self.assertEqual((code, err.strip().count('\n')), (1, 0), err)
-        self.assertIn('error: the loss became nan in epoch 2; the best weights so far are in', err)
-        self.assertIn('try a lower --lr than 0.01 in a new run (--out NEW.pth)', err)
+        self.assertIn('error: the loss became nan in epoch 2; try a lower --lr than 0.01; the '
+                      'best weights so far are in', err)
+        self.assertIn('a new run needs its own --out', err)
         self.assertEqual(self.record()['best_epoch'], 1)
         ResNet18(3, small_input=True).load_state_dict(torch.load(self.out, weights_only=True))
 

@@ -12,20 +12,19 @@ import time
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-START = time.monotonic()  # --minutes, and the time a run has left, count from here
+START = time.monotonic()  # --minutes counts from here, before torch's seconds of importing
 
-import torch  # noqa: E402 (after START: importing torch takes seconds)
-import torch.nn as nn  # noqa: E402
+import torch
+import torch.nn as nn
 
-import config  # noqa: E402
-import errors  # noqa: E402
-import options  # noqa: E402
-import resnet  # noqa: E402
-import saving  # noqa: E402
-import speed  # noqa: E402
-from alexnet import AlexNet  # noqa: E402
-from data import Data, Loaders, Split, channel_stats, load_dataset, make_loader, \
-    split_valid  # noqa: E402
+import config
+import errors
+import options
+import resnet
+import saving
+import speed
+from alexnet import AlexNet
+from data import Data, Loaders, Split, channel_stats, load_dataset, make_loader, split_valid
 
 
 class Trainer:
@@ -310,7 +309,7 @@ def train(args, given, device):
                 best = Best(row['valid_acc'], row['epoch'],
                             {k: v.detach().clone() for k, v in trainer.params.items()})
             if clock:  # plan again from the epochs so far; the lr schedule follows
-                args.epochs = clock.replan(row['epoch'])
+                args.epochs = clock.replan(row['epoch'], args.epochs)
                 trainer.scheduler.lr_lambdas[0].total_steps = args.epochs * len(loaders.train)
             if row['epoch'] == args.epochs or time.monotonic() - last_save >= args.save_every:
                 save(out, record, best, trainer, history, args)
@@ -356,7 +355,7 @@ def fit(trainer, loaders, first, args):
         train_loss, train_acc = trainer.epoch_train(loaders.train)
         t1 = time.perf_counter()
         if not math.isfinite(train_loss):
-            raise FloatingPointError(f'the loss became {train_loss} in epoch {epoch}')
+            raise FloatingPointError(train_loss)  # no longer a number
         valid_loss, valid_acc = (trainer.epoch_valid(loaders.valid) if loaders.valid
                                  else (None, None))  # --valid-split 0: the last epoch is kept
         spent.append(time.perf_counter() - t0)
@@ -405,21 +404,17 @@ def save(out, record, best, trainer=None, history=None, args=None):
 
 
 def stopped(e, args, device, out, epoch):
-    """What stopped the run in `epoch`, what was kept, and how to go on: one sentence."""
+    """What stopped the run in `epoch`, what was kept and how to go on: one sentence."""
+    kept = (f'the best weights so far are in {out}' if out.exists() else
+            'no epoch had finished, so nothing was saved')
     if isinstance(e, KeyboardInterrupt):
-        what, then = f'interrupted in epoch {epoch}', 'to go on: python train.py --resume'
-    else:
-        what = f'error: {e}' if isinstance(e, FloatingPointError) else \
-            f'error: in epoch {epoch}, {out_of_memory_advice(args, device.type)}'
-        then = (f'try a lower --lr than {args.lr} in a new run' if isinstance(e, FloatingPointError) else
-                'in a new run')
-        then += ' (--out NEW.pth)'
-    if not out.with_suffix('.ckpt').exists():
-        then = 'no epoch had finished, so nothing was saved' if not out.exists() else then
-    elif args.out != config.OUT_PATH and 'resume' in then:
-        then += f' --out {args.out}'
-    kept = f'the best weights so far are in {out}; ' if out.exists() else ''
-    return f'{what}; {kept}{then}'
+        resume = out.with_suffix('.ckpt').exists()
+        return f'interrupted in epoch {epoch}; {kept}' + (
+            f'; to go on: python train.py --resume --out {out}' if resume else '')
+    what = (f'the loss became {e} in epoch {epoch}; try a lower --lr than {args.lr}'
+            if isinstance(e, FloatingPointError) else
+            f'in epoch {epoch}, {out_of_memory_advice(args, device.type)}')
+    return f'error: {what}; {kept}; a new run needs its own --out'
 
 
 def report(record, best, seconds, class_accuracy, n_test, out):
