@@ -33,7 +33,7 @@ class Budget:
         One sentence, naming the time the data took, when not one fits."""
         per_image = EVAL_COST * step_seconds / batch_size
         self.test_seconds = n_test * per_image + EXIT_SECONDS
-        self.began = self.last = time.monotonic()
+        self.began = time.monotonic()
         epoch = steps * step_seconds + n_valid * per_image
         epochs = self.epochs(epoch)
         if epochs == 0:
@@ -46,14 +46,14 @@ class Budget:
         return epochs
 
     def replan(self, done, planned):
-        """The epochs to train after `done` of them, `planned` so far: as many still, while they
-        fit before the deadline; fewer once they do not; more once two more fit with the
-        margin kept (a plan that changed by one epoch back and forth would move the lr to and
-        fro). Each epoch is taken as long as their mean so far, or as the last, if longer."""
-        now = time.monotonic()
-        epoch, self.last = max((now - self.began) / done, now - self.last), now
-        if self.epochs(epoch, done, margin=0) < planned:
-            return self.epochs(epoch, done)
+        """The epochs to train after `done` of them, `planned` so far, each as long as their
+        mean so far: as many still, while they fit before the deadline; as many as fit, once
+        they do not; more only once two more fit with the margin kept, so that noise in the
+        epochs' times does not move the plan, and the lr with it, to and fro."""
+        epoch = (time.monotonic() - self.began) / done
+        fit = self.epochs(epoch, done, margin=0)
+        if fit < planned:
+            return fit
         more = self.epochs(epoch, done)
         return more if more >= planned + 2 else planned
 
@@ -64,8 +64,8 @@ class Budget:
         return done + max(0, int(left // epoch_seconds))
 
 
-def seconds_per_step(step, model, optimizer, scaler, batches, steps=3):
-    """How long step(inputs, targets) takes: the mean of `steps` calls after one that warms up.
+def seconds_per_step(step, model, optimizer, scaler, batches, steps=4, warmup=2):
+    """How long step(inputs, targets) takes: the mean of `steps` calls after `warmup` more.
     Everything the calls change is put back: the weights and buffers, the optimizer's momentum
     (none yet), the loss scaler and the random generators."""
     saved = [t.detach().clone() for t in (*model.parameters(), *model.buffers())]
@@ -73,8 +73,8 @@ def seconds_per_step(step, model, optimizer, scaler, batches, steps=3):
     device = saved[0].device
     with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
         for i, (inputs, targets) in enumerate(itertools.islice(itertools.cycle(batches),
-                                                               steps + 1)):
-            if i == 1:
+                                                               warmup + steps)):
+            if i == warmup:
                 sync(device)
                 t0 = time.perf_counter()
             step(inputs, targets.long())

@@ -54,6 +54,7 @@ class ResNet(nn.Module):
         self.layer4 = layers.ResidualLayer(num_blocks[3], 256 * e, 512 * e, block, 2, shortcut)
         self.avg_pool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512 * e, num_classes)
+        # Article: PyTorch's default init. Here torchvision's, the paper's He init (init_weights).
         init_weights(self)
 
     def forward(self, x):               # shapes for ResNet18 and a 224 px input

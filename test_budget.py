@@ -44,21 +44,21 @@ class BudgetTest(unittest.TestCase):
             self.assertEqual(epochs, int((60 - 10 - after - budget.MARGIN * 60) // epoch))
             self.assertEqual(epochs, 8)
             self.assertLessEqual(10 + epochs * epoch + after, 60 * (1 - budget.MARGIN))
-            # The epochs turn out slower (6 s): fewer fit; then one faster (3 s): their mean,
-            # 5 s, lets one more fit, which is not enough to change the plan; then a slow one
-            # (10 s) counts more than the mean; then a fast one (1 s) lets three more fit.
-            for now, done, planned in ((16, 1, 1 + 6), (22, 2, 7), (25, 3, 7), (35, 4, 4 + 1),
-                                       (36, 5, 5 + 3)):
+            # The epochs turn out slower (6 s): 8 no longer fit, 7 do; then one faster (3 s):
+            # with the margin kept, one more would fit, not two, and the plan stands; another
+            # fast one: two more fit, and it grows; then a slow one (15 s): back to what fits.
+            for now, done, planned in ((16, 1, 7), (22, 2, 7), (25, 3, 7), (28, 4, 9),
+                                       (43, 5, 7)):
                 clock.now = train.START + now
                 self.assertEqual(plan.replan(done, epochs), planned, now)
                 epochs = planned
             # After 5 epochs of 6 s, 16 s are left: two more fit before the test and the exit,
-            # not with the margin. A plan of 7 stands; one of 8 shrinks to what fits with the
-            # margin kept; one of 5 stays, one of 4 grows: two more fit.
-            for planned, then in ((7, 7), (8, 6), (5, 5), (4, 6)):
-                plan.began, plan.last = train.START + 14, train.START + 38
-                clock.now = train.START + 44
+            # though not with the margin kept. A plan of 7 stands, one of 8 shrinks to 7; one of
+            # 5 stays (one more fits with the margin), one of 4 grows to 6.
+            plan.began, clock.now = train.START + 14, train.START + 44
+            for planned, then in ((7, 7), (8, 7), (5, 5), (4, 6)):
                 self.assertEqual(plan.replan(5, planned), then, planned)
+                self.assertLessEqual(44 + (then - 5) * 6 + after, 60)
 
     def test_too_short_a_budget_is_one_sentence(self):
         with FakeClock(elapsed=9).patch():
