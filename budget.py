@@ -1,11 +1,12 @@
-"""--minutes M: a run that ends within M minutes, and how long any run has left.
+"""--minutes M: a run that ends within M minutes.
 
 Before its first epoch, a run with a budget times a few training steps (then puts the weights
-back) and plans the whole epochs that fit in what is left of the M minutes, keeping back time
-for the validation, the one test and the saving. After each epoch it plans again from the
+back) and plans the steps that fit in what is left of the M minutes, keeping back time for each
+epoch's validation, the one test and the exit. After each epoch it plans again from the
 epochs' measured times. The lr schedule (warm-up, then linear decay) follows the plan, so it
-reaches 0 at the end of the last epoch that fits (Li, Yumer and Ramanan, "Budgeted Training",
-2020: under a fixed budget, decaying linearly to 0 at its end does best).
+reaches 0 at the last step that fits, which may end the last epoch early (Li, Yumer and
+Ramanan, "Budgeted Training", 2020: under a fixed budget, decaying linearly to 0 at its end
+does best).
 """
 import itertools
 import math
@@ -21,47 +22,57 @@ EVAL_COST = 0.4     # an image evaluated costs about this much of one trained (n
 
 
 class Budget:
-    """The time a run has: `minutes` from `start` (a time.monotonic() reading)."""
+    """The time a run has: `minutes` from `start` (a time.monotonic() reading). It plans in
+    training steps, an epoch being `per_epoch` of them and a validation."""
 
-    def __init__(self, minutes, start):
-        self.seconds, self.start = 60 * minutes, start
+    def __init__(self, minutes, start, per_epoch):
+        self.seconds, self.start, self.per_epoch = 60 * minutes, start, per_epoch
         self.deadline = start + self.seconds
 
-    def first_plan(self, step_seconds, steps, batch_size, n_valid, n_test, data_seconds):
-        """The epochs that fit, before the first: an epoch is `steps` training steps of
-        step_seconds and a validation of n_valid images, and the test follows the last.
-        One sentence, naming the time the data took, when not one fits."""
+    def first_plan(self, step_seconds, batch_size, n_valid, n_test, data_seconds):
+        """The steps that fit, before the first, from the time of one: each epoch's steps and
+        a validation of n_valid images, then the test. One sentence, naming the time the data
+        took, when not one epoch fits."""
         per_image = EVAL_COST * step_seconds / batch_size
         self.test_seconds = n_test * per_image + EXIT_SECONDS
         self.began = time.monotonic()
-        epoch = steps * step_seconds + n_valid * per_image
-        epochs = self.epochs(epoch)
-        if epochs == 0:
+        epoch = self.per_epoch * step_seconds + n_valid * per_image
+        steps = self.steps(epoch / self.per_epoch)
+        if steps < self.per_epoch:
             need = (self.began - self.start + epoch + self.test_seconds) / (1 - MARGIN)
             raise UsageError(f'--minutes {self.seconds / 60:g} is too short to train: starting '
                              f'took {self.began - self.start:.0f} s (reading the data '
                              f'{data_seconds:.0f} s), and one epoch would take about '
                              f'{epoch:.0f} s more; give --minutes {math.ceil(need / 6) / 10:g} '
                              f'or more')
-        return epochs
+        return steps
 
     def replan(self, done, planned):
-        """The epochs to train after `done` of them, `planned` so far, each as long as their
-        mean so far: as many still, while they fit before the deadline; as many as fit, once
-        they do not; more only once two more fit with the margin kept, so that noise in the
-        epochs' times does not move the plan, and the lr with it, to and fro."""
-        epoch = (time.monotonic() - self.began) / done
-        fit = self.epochs(epoch, done, margin=0)
+        """The steps to train after `done` of them, `planned` so far, each as long as their
+        mean so far (validation included): as many still, while they fit before the deadline;
+        as many as fit, once they do not; more only once an epoch more fits with the margin
+        kept, so that noise in the epochs' times does not move the plan, and the lr with it,
+        to and fro."""
+        step = (time.monotonic() - self.began) / done
+        fit = self.steps(step, done, margin=0)
         if fit < planned:
             return fit
-        more = self.epochs(epoch, done)
-        return more if more >= planned + 2 else planned
+        more = self.steps(step, done)
+        return more if more >= planned + self.per_epoch else planned
 
-    def epochs(self, epoch_seconds, done=0, margin=MARGIN):
-        """`done`, and as many more epochs of epoch_seconds as fit before the test and the
-        exit, with `margin` of the budget kept back."""
+    def steps(self, step_seconds, done=0, margin=MARGIN):
+        """`done`, and as many more steps of step_seconds as fit before the test and the exit,
+        with `margin` of the budget kept back."""
         left = self.deadline - time.monotonic() - self.test_seconds - margin * self.seconds
-        return done + max(0, int(left // epoch_seconds))
+        return done + max(0, int(left // step_seconds))
+
+
+def follow(steps, per_epoch, done_epochs, scheduler, loader):
+    """Have the run end after `steps`: the lr schedule reaches 0 there, and the epoch that
+    holds it stops there (the loader's limit); returns the epochs to train in all."""
+    scheduler.lr_lambdas[0].total_steps = steps
+    loader.limit = min(per_epoch, steps - done_epochs * per_epoch)
+    return math.ceil(steps / per_epoch)
 
 
 def seconds_per_step(step, model, optimizer, scaler, batches, steps=4, warmup=2):

@@ -325,6 +325,7 @@ class TensorLoader:
         self.augment = augment
         self.seed = seed
         self.epoch = 0
+        self.limit = None  # the batches of an epoch, where fewer than all (budget.follow)
         h, w = images.shape[-2:]
         self.padding = min(padding, h - 1, w - 1)
         self.memory_format = memory_format
@@ -343,7 +344,7 @@ class TensorLoader:
     def __len__(self):
         n, b = len(self.images), self.batch_size
         if self.train:  # full batches only (the article's drop_last=True), at least one
-            return max(1, n // b)
+            return min(max(1, n // b), self.limit or n)
         return math.ceil(n / b)
 
     def __iter__(self):

@@ -84,7 +84,7 @@ class StreamLoader(data.TensorLoader):
 
     def __iter__(self):
         order, labels, rows, cols = self._plan()
-        self.batches.order = order.tolist()
+        self.batches.order, self.batches.num_batches = order.tolist(), len(self)
         b = self.batch_size
         for i, x in enumerate(self.loader):
             if isinstance(x, str):

@@ -1,6 +1,6 @@
-"""Tests for budget.py and --minutes: the epochs fitted to a speed, the lr schedule ending at 0
-where the epochs that fit end, the refusal of a budget too short, and the time a run has left.
-Nothing here is timed: the clock the budget reads is a fake that the tests move."""
+"""Tests for budget.py and --minutes: the steps fitted to a speed and planned again, the lr
+schedule ending at 0 at the last step that fits, the refusal of a budget too short, and the time
+a run has left. Nothing here is timed: the clock the budget reads is a fake that the tests move."""
 import csv
 import json
 import types
@@ -11,9 +11,12 @@ import torch
 import torch.nn as nn
 
 import budget
+import data
 import speed
 import train
 from test_helpers import ColourFolderCase, run_main
+
+CPU = torch.device('cpu')
 
 
 class FakeClock:
@@ -32,48 +35,61 @@ class FakeClock:
 
 class BudgetTest(unittest.TestCase):
 
-    def test_the_epochs_fit_the_speed_and_are_planned_again(self):
+    def test_the_steps_fit_the_speed_and_are_planned_again(self):
         clock = FakeClock(elapsed=10)  # 10 s gone in starting and reading the data
         with clock.patch():
-            plan = budget.Budget(1, train.START)  # 60 s
-            # An epoch: 10 steps of 0.5 s, and 64 validation images at 0.4 of a trained one;
-            # then 128 test images and the exit, with 4% of the budget kept back.
+            plan = budget.Budget(1, train.START, per_epoch=10)  # 60 s; epochs of 10 steps
+            # A step of 0.5 s, and each epoch's 64 validation images at 0.4 of a trained one:
+            # 0.54 s a step; then 128 test images and the exit, with 4% of the budget kept back.
             per_image = budget.EVAL_COST * 0.5 / 32
-            epoch, after = 10 * 0.5 + 64 * per_image, 128 * per_image + budget.EXIT_SECONDS
-            epochs = plan.first_plan(0.5, 10, 32, 64, 128, data_seconds=4)
-            self.assertEqual(epochs, int((60 - 10 - after - budget.MARGIN * 60) // epoch))
-            self.assertEqual(epochs, 8)
-            self.assertLessEqual(10 + epochs * epoch + after, 60 * (1 - budget.MARGIN))
-            # The epochs turn out slower (6 s): 8 no longer fit, 7 do; then one faster (3 s):
-            # with the margin kept, one more would fit, not two, and the plan stands; another
-            # fast one: two more fit, and it grows; then a slow one (15 s): back to what fits.
-            for now, done, planned in ((16, 1, 7), (22, 2, 7), (25, 3, 7), (28, 4, 9),
-                                       (43, 5, 7)):
+            after = 128 * per_image + budget.EXIT_SECONDS
+            steps = plan.first_plan(0.5, 32, 64, 128, data_seconds=4)
+            self.assertEqual(steps, int((60 - 10 - after - budget.MARGIN * 60) // 0.54))
+            self.assertEqual(steps, 82)
+            # The epochs turn out slower (6 s): 82 steps no longer fit, 78 do; after another,
+            # they still fit (74 with the margin kept), and the plan stands; then a fast epoch
+            # (3 s): an epoch more fits with the margin, and it grows; then a slow one (15 s):
+            # back to what fits.
+            for now, done, planned in ((16, 10, 78), (22, 20, 78), (25, 30, 89), (43, 40, 57)):
                 clock.now = train.START + now
-                self.assertEqual(plan.replan(done, epochs), planned, now)
-                epochs = planned
-            # After 5 epochs of 6 s, 16 s are left: two more fit before the test and the exit,
-            # though not with the margin kept. A plan of 7 stands, one of 8 shrinks to 7; one of
-            # 5 stays (one more fits with the margin), one of 4 grows to 6.
+                self.assertEqual(plan.replan(done, steps), planned, now)
+                steps = planned
+            # After 60 steps of 0.5 s, 16 s are left: 26 steps fit before the test and the
+            # exit, 21 with the margin kept. A plan of 86 stands, one of 90 shrinks to 86; one
+            # of 75 stays (not an epoch more fits with the margin), one of 70 grows to 81.
             plan.began, clock.now = train.START + 14, train.START + 44
-            for planned, then in ((7, 7), (8, 7), (5, 5), (4, 6)):
-                self.assertEqual(plan.replan(5, planned), then, planned)
-                self.assertLessEqual(44 + (then - 5) * 6 + after, 60)
+            for planned, then in ((86, 86), (90, 86), (75, 75), (70, 81)):
+                self.assertEqual(plan.replan(60, planned), then, planned)
+                self.assertLessEqual(44 + (then - 60) * 0.5 + after, 60)
+
+    def test_the_run_follows_the_plan(self):
+        # The lr schedule ends at 0 at the last step planned, and the epoch holding it stops
+        # there: 25 steps in epochs of 10 are 3 epochs, the last of 5 steps.
+        images = torch.zeros(40, 3, 4, 4, dtype=torch.uint8)
+        loader = data.TensorLoader(images, torch.zeros(40, dtype=torch.long), 4, [0] * 3,
+                                   [1] * 3, 4, train=True)
+        scheduler = train.build_schedule(train.build_optimizer(nn.Linear(2, 2), 0.1, CPU), 30)
+        self.assertEqual(budget.follow(25, 10, 0, scheduler, loader), 3)
+        self.assertEqual((len(loader), len(list(loader))), (10, 10))
+        self.assertEqual(budget.follow(25, 10, 2, scheduler, loader), 3)
+        self.assertEqual((len(loader), len(list(loader))), (5, 5))
+        self.assertEqual(scheduler.lr_lambdas[0](25), 0.0)
+        self.assertGreater(scheduler.lr_lambdas[0](24), 0.0)
 
     def test_too_short_a_budget_is_one_sentence(self):
         with FakeClock(elapsed=9).patch():
             with self.assertRaises(budget.UsageError) as caught:
-                budget.Budget(0.2, train.START).first_plan(0.5, 10, 32, 64, 128, data_seconds=7)
-        said = str(caught.exception)
-        self.assertEqual(said, '--minutes 0.2 is too short to train: starting took 9 s '
-                               '(reading the data 7 s), and one epoch would take about 5 s more; '
-                               'give --minutes 0.3 or more')
+                budget.Budget(0.2, train.START, 10).first_plan(0.5, 32, 64, 128, data_seconds=7)
+        self.assertEqual(str(caught.exception),
+                         '--minutes 0.2 is too short to train: starting took 9 s (reading the '
+                         'data 7 s), and one epoch would take about 5 s more; give --minutes 0.3 '
+                         'or more')
 
     def test_timing_steps_puts_everything_back(self):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5),
                               nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
-        trainer = train.Trainer(model, train.build_optimizer(model, 0.1, torch.device('cpu')),
+        trainer = train.Trainer(model, train.build_optimizer(model, 0.1, CPU),
                                 train.build_criterion())
         batches = [(torch.randn(4, 3, 8, 8), torch.arange(4) % 3)]  # one, used again and again
         before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -92,15 +108,15 @@ class BudgetTest(unittest.TestCase):
 
 
 class MinutesTest(ColourFolderCase):
-    """--minutes end to end, on the fake clock: each epoch takes 15 s of it, not the 10 s
-    that the timed steps promised."""
+    """--minutes end to end, on the fake clock: each epoch of 3 steps takes 15 s of it, not the
+    10.5 s that the timed steps promised."""
 
     def train(self, *extra):
         return run_main('--data', self.data, '--image-size', 8, '--small-input', '--lr', 0.01,
                         '--batch-size', 16, '--device', 'cpu', '--workers', 1, '--out',
                         self.dir / 'weight.pth', *extra)
 
-    def test_the_lr_reaches_0_where_the_epochs_that_fit_end(self):
+    def test_the_lr_reaches_0_where_the_steps_that_fit_end(self):
         clock = FakeClock(elapsed=5)
         real = train.Trainer.epoch_train
 
@@ -112,20 +128,21 @@ class MinutesTest(ColourFolderCase):
                 mock.patch.object(train.Trainer, 'epoch_train', fifteen_seconds):
             code, out, err = self.train('--minutes', 1)
         self.assertEqual(code, 0, err)
-        # 4 epochs of 10.5 s were planned; at 15 s each, 3 fit, and the lr ends at 0 there.
-        self.assertIn('about 4 epochs of 3 batches of 16 in 1 min, peak lr 0.01', out)
-        self.assertIn('epoch 3/3', out)
+        # 13 steps of 3.5 s were planned (5 epochs of 3); at 5 s a step, 10 fit: 4 epochs, the
+        # last of one step, and the lr ends at 0 there.
+        self.assertIn('about 5 epochs of 3 batches of 16 in 1 min, peak lr 0.01', out)
+        self.assertIn('\nepoch 4/4  ', out)
         with open(self.dir / 'weight.csv') as f:
             rows = list(csv.DictReader(f))
-        self.assertEqual((len(rows), float(rows[-1]['lr'])), (3, 0.0))
+        self.assertEqual((len(rows), float(rows[-1]['lr'])), (4, 0.0))
         record = json.loads((self.dir / 'weight.json').read_text())
         self.assertEqual((record['args']['minutes'], record['args']['epochs'], record['steps']),
-                         (1.0, 3, 9))
+                         (1.0, 4, 10))
         self.assertGreater(record['test_acc'], 0)
-        # Resumed, a stopped run of a budget goes on to the epochs it had planned.
+        # Resumed, a stopped run of a budget goes on to the steps it had planned.
         code, out, err = run_main('--resume', '--out', self.dir / 'weight.pth')
         self.assertEqual((code, out.strip()), (0, f'{self.dir / "weight.ckpt"}: that run '
-                                                    f'already finished (3 epochs)'), err)
+                                                    f'already finished (4 epochs)'), err)
 
     def test_an_ordinary_run_says_when_it_will_end(self):
         code, out, err = self.train('--epochs', 2)

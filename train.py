@@ -273,20 +273,26 @@ def train(args, given, device):
     optimizer = build_optimizer(model, args.lr, device, fixes, groups)
     loaders = build_loaders(data, args, fixes, device)
     trainer = Trainer(model, optimizer, build_criterion(fixes), device, precision=precision)
-    clock = None
-    if args.minutes and not checkpoint:  # the epochs that fit in --minutes (budget.py)
+    clock, per_epoch = None, len(loaders.train)
+    if args.minutes and not checkpoint:  # the steps that fit in --minutes (budget.py)
         import budget
-        clock = budget.Budget(args.minutes, START)
-        step = budget.seconds_per_step(trainer.train_step, model, optimizer, trainer.amp,
-                                       loaders.train)
-        args.epochs = clock.first_plan(step, len(loaders.train), args.batch_size,
-                                       len(data.valid.labels), len(data.test.labels),
-                                       seconds['loading data'])
-    trainer.scheduler = build_schedule(optimizer, args.epochs * len(loaders.train), fixes)
+        clock = budget.Budget(args.minutes, START, per_epoch)
+        steps = clock.first_plan(budget.seconds_per_step(trainer.train_step, model, optimizer,
+                                                         trainer.amp, loaders.train),
+                                 args.batch_size, len(data.valid.labels), len(data.test.labels),
+                                 seconds['loading data'])
+    trainer.scheduler = build_schedule(optimizer, steps if clock else args.epochs * per_epoch,
+                                       fixes)
+    if clock:  # the lr reaches 0 at the last step that fits, perhaps within the last epoch
+        args.epochs = budget.follow(steps, per_epoch, 0, trainer.scheduler, loaders.train)
     record, history, best, first = weight_record(args, data, precision, start), [], None, 1
     if checkpoint:  # Article: none. Here a stopped run goes on as if it had never stopped.
         saving.resume(checkpoint, model, optimizer, trainer.scheduler, trainer.amp, device)
         history, first = checkpoint['history'], checkpoint['epoch'] + 1
+        if args.minutes:  # the steps it planned: its last epoch may end early
+            import budget
+            budget.follow(trainer.scheduler.lr_lambdas[0].total_steps, per_epoch, first - 1,
+                          trainer.scheduler, loaders.train)
         if out.exists():  # the best weights it kept: this run's, as --out is its alone
             kept = saving.read_record(out)
             best = Best(kept['valid_acc'], kept['best_epoch'], saving.load_weights(out))
@@ -309,8 +315,9 @@ def train(args, given, device):
                 best = Best(row['valid_acc'], row['epoch'],
                             {k: v.detach().clone() for k, v in trainer.params.items()})
             if clock:  # plan again from the epochs so far; the lr schedule follows
-                args.epochs = clock.replan(row['epoch'], args.epochs)
-                trainer.scheduler.lr_lambdas[0].total_steps = args.epochs * len(loaders.train)
+                steps = clock.replan(trainer.scheduler.last_epoch, steps)
+                args.epochs = budget.follow(steps, per_epoch, row['epoch'], trainer.scheduler,
+                                            loaders.train)
             if row['epoch'] == args.epochs or time.monotonic() - last_save >= args.save_every:
                 save(out, record, best, trainer, history, args)
                 last_save = time.monotonic()
