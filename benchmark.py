@@ -28,6 +28,7 @@ import data
 import layers
 import options
 import saving
+import graphs
 import speed
 import stream
 import train
@@ -120,9 +121,9 @@ def measure(name, image_size, batch_size, device, precision, steps, repeats, lau
     inputs, targets = next(iter(loader))
     resident = Resident(inputs, targets, steps)
     if launch == 'graph':  # as train.py --no-graph-whole-step does on CUDA
-        speed.graph_model(model, inputs, amp_dtype)
+        graphs.graph_model(model, inputs, amp_dtype)
     elif launch == 'whole':  # as train.py does on CUDA (its default)
-        trainer.train_step = speed.GraphedStep(trainer.train_step, model, optimizer,
+        trainer.train_step = graphs.GraphedStep(trainer.train_step, model, optimizer,
                                                trainer.amp, inputs, targets)
 
     def rate(fn, count):
@@ -149,7 +150,7 @@ def measure(name, image_size, batch_size, device, precision, steps, repeats, lau
             'eval_img_s': round(statistics.median(evals), 1)}
 
 
-def data_path_rates(device, count, batch_size=128):
+def data_path_rates(device, count, batch_size=128, workers=None):
     """img/s of the data path alone, no model: the article's PIL pipeline (Resize(224) +
     ToTensor, one process) against the TensorLoader at 224 px and at the default 32 px, and
     the StreamLoader decoding JPEG files in worker processes: 32 px files fed at 32 px, and
@@ -176,7 +177,7 @@ def data_path_rates(device, count, batch_size=128):
                 files.append(str(Path(tmp, f'{held}-{i}.jpg')))
                 img.resize((held, held), Image.BILINEAR).save(files[-1], quality=90)
             rates[f'stream_{px}_img_s'] = loader_rate(
-                stream.make_loader(stream.ImageFiles(files, px, os.cpu_count() or 1),
+                stream.make_loader(stream.ImageFiles(files, px, workers or os.cpu_count() or 1),
                                    torch.zeros(n, dtype=torch.long), batch_size=batch_size,
                                    mean=[0.5] * 3, std=[0.25] * 3, image_size=px, train=True,
                                    device=device, memory_format=speed.memory_format(device)),
@@ -224,7 +225,7 @@ def configs(device, quick):
                 ('resnet18-article', 224, 128, 'fp32', 'eager')]
         # A GPU with fp16 and no bf16: train.py graphs the model alone there, so there is no
         # fp16 'whole' row to time.
-        return [r for r in rows if r[4] != 'whole' or speed.can_graph_whole_step(
+        return [r for r in rows if r[4] != 'whole' or graphs.can_graph_whole_step(
             speed.choose_precision(r[3], device))]
     rows = [('resnet18', 32, 512, 'fp32', 'eager'), ('resnet18', 32, 512, 'fp32', 'no-route'),
             ('resnet18', 32, 512, 'bf16', 'eager'), ('resnet18', 32, 512, 'bf16', 'no-route'),
@@ -263,7 +264,9 @@ def main(argv=None):
     print(f'device: {name}; torch {torch.__version__}; {torch.get_num_threads()} CPU threads; '
           f'{steps} steps a repeat, median of {repeats}', flush=True)
     results, failed = run_rows(configs(device, args.quick), device, steps, repeats, args)
-    rates = data_path_rates(device, 64, 32) if args.quick else data_path_rates(device, 4096)
+    # --quick decodes in this process: a smoke test, not a measurement.
+    rates = data_path_rates(device, 64, 32, workers=1) if args.quick else \
+        data_path_rates(device, 4096)
     print(f'data path alone: the article\'s PIL Resize(224) + ToTensor '
           f'{rates["pil_224_img_s"]:,.0f} img/s (one process); TensorLoader '
           f'{rates["tensor_224_img_s"]:,.0f} img/s at 224 px, {rates["tensor_32_img_s"]:,.0f} '

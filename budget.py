@@ -1,12 +1,10 @@
 """--minutes M: a run that ends within M minutes.
 
-Before its first epoch, a run with a budget times a few training steps (then puts the weights
-back) and plans the steps that fit in what is left of the M minutes, keeping back time for each
-epoch's validation, the one test and the exit. After each epoch it plans again from the
-epochs' measured times. The lr schedule (warm-up, then linear decay) follows the plan, so it
-reaches 0 at the last step that fits, which may end the last epoch early (Li, Yumer and
-Ramanan, "Budgeted Training", 2020: under a fixed budget, decaying linearly to 0 at its end
-does best).
+A run times a few training steps (then puts the weights back) and plans the steps that fit in
+what is left of the minutes, keeping back time for each epoch's validation, the test and the
+exit; after each epoch it plans again from the epochs' times. The lr schedule follows the plan
+and reaches 0 at its last step, which may end the last epoch early: under a fixed budget,
+decaying linearly to 0 at its end does best (Li, Yumer and Ramanan, "Budgeted Training", 2020).
 """
 import itertools
 import math
@@ -65,14 +63,6 @@ class Budget:
         with `margin` of the budget kept back."""
         left = self.deadline - time.monotonic() - self.test_seconds - margin * self.seconds
         return done + max(0, int(left // step_seconds))
-
-
-def follow(steps, per_epoch, done_epochs, scheduler, loader):
-    """Have the run end after `steps`: the lr schedule reaches 0 there, and the epoch that
-    holds it stops there (the loader's limit); returns the epochs to train in all."""
-    scheduler.lr_lambdas[0].total_steps = steps
-    loader.limit = min(per_epoch, steps - done_epochs * per_epoch)
-    return math.ceil(steps / per_epoch)
 
 
 def seconds_per_step(step, model, optimizer, scaler, batches, steps=4, warmup=2):

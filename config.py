@@ -7,7 +7,7 @@ ResNet18 train well on 32 px CIFAR-10 in 30 epochs (README, "Set up and run").
 # Data
 DATA_ROOT = './data'          # where CIFAR-10 is downloaded (or cifar-10-python.tar.gz is placed)
 DATA_DIR = None               # an ImageFolder tree (DIR/train, DIR/test) instead of CIFAR-10
-STREAM = False                # decode the folder every epoch, not once (automatic if it won't fit)
+STREAM = False                # decode the folder every epoch, not once: for one too large to hold
 IMAGE_SIZE = 32               # px fed to the model; the article resized to 224 (49x the compute)
 CROP_PADDING = 4              # random crop: reflect-pad by this many px, crop back to size
 NUM_WORKERS = 0               # processes that decode an image folder; 0: one per CPU core
@@ -56,8 +56,8 @@ ARTICLE_WEIGHT_DECAY = 1e-4   # the article's L2 penalty
 PRETRAINED_IMAGE_SIZE = 224   # px fed with --pretrained: what torchvision's weights learned at
 IMAGENET_MEAN = [0.485, 0.456, 0.406]  # the mean and std torchvision's weights were trained with
 IMAGENET_STD = [0.229, 0.224, 0.225]
-PRETRAINED_LR_FACTOR = 0.1    # lr of the layers that came with ImageNet's weights, times the peak lr
-INIT_LR_FACTOR = 0.1          # the same for --init's weights
+PRETRAINED_LR_FACTOR = 0.1    # lr of the layers that came with ImageNet's weights / the lr
+INIT_LR_FACTOR = 0.1          # the same for --init's
 
 # Run
 DEVICE = 'auto'               # auto picks cuda, then mps, then cpu

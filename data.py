@@ -32,26 +32,18 @@ class Split(NamedTuple):
     labels: torch.Tensor
 
 
-class Images(NamedTuple):
-    """What load_dataset reads: the train and test images (train None unless asked for), the
-    class names, and the share of each class drawn as test images from a folder without a
-    test/ folder (None: the folder had one)."""
+class Data(NamedTuple):
+    """A data set: its train split (None unless asked for), its test split, the class names, and
+    the share of each class drawn as test images from a folder without a test/ folder (None:
+    it had one); then, as train.py prepares it, the validation images held out of the train
+    split, and the mean and std (per colour channel, 0-1 scale) that normalise the images."""
     train: Optional[Split]
     test: Split
     classes: list
     test_split: Optional[float] = None
-
-
-class Data(NamedTuple):
-    """The images a run trains, validates and tests on, their classes, and the mean and std
-    (per colour channel, 0-1 scale) that normalise them."""
-    train: Split
-    valid: Split
-    test: Split
-    classes: list
-    mean: list
-    std: list
-    test_split: Optional[float] = None  # as in Images
+    valid: Optional[Split] = None
+    mean: Optional[list] = None
+    std: Optional[list] = None
 
 
 class Loaders(NamedTuple):
@@ -76,7 +68,7 @@ def load_cifar10(root):
         return Split(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),
                      torch.tensor(ds.targets))
 
-    return Images(split(train), split(test), train.classes)
+    return Data(split(train), split(test), train.classes)
 
 
 def find_images(folder):
@@ -95,7 +87,7 @@ class Files(NamedTuple):
     train: list  # of (path, label), empty unless asked for
     test: list
     classes: list
-    test_split: Optional[float]  # as in Images
+    test_split: Optional[float]  # as in Data
 
 
 def list_image_folder(root, need_train=True, test_split=config.TEST_SPLIT):
@@ -198,7 +190,7 @@ def decode_images(files, size, workers, chunk=500):
 
 def load_dataset(data_dir, data_root, image_size, workers=0, need_train=True, device=None,
                  test_split=config.TEST_SPLIT):
-    """The image folder data_dir or, without one, CIFAR-10 in data_root, as Images: each split
+    """The image folder data_dir or, without one, CIFAR-10 in data_root, as Data: each split
     decoded now into one uint8 tensor. A folder that would not fit in memory (on `device`) is
     one sentence: --stream reads it batch by batch instead."""
     if not data_dir:
@@ -215,8 +207,8 @@ def load_dataset(data_dir, data_root, image_size, workers=0, need_train=True, de
     images = decode_images(paths, size, workers)  # one pool for both splits
     n = len(files.train)
     train = Split(images[:n], torch.tensor([y for _, y in files.train])) if need_train else None
-    return Images(train, Split(images[n:], torch.tensor([y for _, y in files.test])),
-                  files.classes, files.test_split)
+    return Data(train, Split(images[n:], torch.tensor([y for _, y in files.test])),
+                files.classes, files.test_split)
 
 
 def held_size(probe, image_size):
@@ -325,7 +317,7 @@ class TensorLoader:
         self.augment = augment
         self.seed = seed
         self.epoch = 0
-        self.limit = None  # the batches of an epoch, where fewer than all (budget.follow)
+        self.limit = None  # the batches of the epoch, where fewer than all (train.fit)
         h, w = images.shape[-2:]
         self.padding = min(padding, h - 1, w - 1)
         self.memory_format = memory_format
@@ -374,8 +366,7 @@ class TensorLoader:
             shift = torch.full((n, 2), self.padding, device=device)
             flip = torch.zeros(n, dtype=torch.bool, device=device)
         # The whole epoch's crop windows at once, in batch order: a batch is then slices of
-        # these, one gather and the normalisation (4 kernels; 23 when each batch worked out its
-        # own windows, which on a GPU cost a fifth of a CUDA-graphed step).
+        # these, one gather and the normalisation, a few kernels on a GPU (RESULTS.md).
         rows, cols = self._crop_windows(shift[order], flip[order])
         return order, self.labels[order], rows, cols
 

@@ -26,7 +26,7 @@ import options
 import saving
 import speed
 import train
-from data import Images, Loaders, Split, channel_stats, decode_images, held_size, \
+from data import Data, Loaders, Split, channel_stats, decode_images, held_size, \
     list_image_folder, load_cifar10, make_loader, memory_shortfall
 from errors import UsageError
 from resnet import CifarResNet, count_parameters
@@ -97,7 +97,7 @@ def blocks_of(depth):
 
 
 def load_subsets(args, device):
-    """A seeded random subset of the training and of the test images, as data.Images of uint8
+    """A seeded random subset of the training and of the test images, as data.Data of uint8
     tensors."""
     g = torch.Generator().manual_seed(args.seed)
 
@@ -108,7 +108,7 @@ def load_subsets(args, device):
         images = load_cifar10(args.data_root)
         train_i, test_i = pick(len(images.train.labels), args.train_images), \
             pick(len(images.test.labels), args.test_images)
-        return Images(Split(*(t[train_i] for t in images.train)),
+        return Data(Split(*(t[train_i] for t in images.train)),
                       Split(*(t[test_i] for t in images.test)), images.classes)
     files = list_image_folder(args.data)
     train_i, test_i = pick(len(files.train), args.train_images), pick(len(files.test),
@@ -126,7 +126,7 @@ def load_subsets(args, device):
         return Split(decode_images([f for f, _ in picked], size, workers),
                      torch.tensor([y for _, y in picked]))
 
-    return Images(split(files.train, train_i), split(files.test, test_i), files.classes)
+    return Data(split(files.train, train_i), split(files.test, test_i), files.classes)
 
 
 def gradient_norms(model, inputs, targets, criterion):

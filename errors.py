@@ -24,7 +24,7 @@ def guarded(run, out_of_memory_advice):
     except UsageError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # a training run's epochs handle their own (saving.Run)
+    except KeyboardInterrupt:  # a training run's epochs handle their own (train.train)
         print('\ninterrupted; nothing was written', file=sys.stderr)
         return 130
     except Exception as e:

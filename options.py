@@ -93,10 +93,11 @@ def pick_device(name):
 def train_defaults(args, n_train):
     """--batch-size, --lr and --epochs, or where left out, the model's row of
     config.TRAIN_DEFAULTS and config.NUM_EPOCHS (the article's lr for a recipe without the lr
-    fix; with --minutes, the epochs are planned later). A folder with fewer images than a
-    dozen of the row's batches is small: its batch gives it a dozen steps (down to 16), the lr
-    scaled alike (not for --freeze: the fc alone takes the row's), it trains
-    config.SMALL_FOLDER_EPOCHS epochs (RESULTS.md), and a line says so."""
+    fix; with --minutes, the epochs are planned later). A folder with fewer training images
+    than a dozen of the row's batches is small: its batch is the largest power of 2 that gives
+    a dozen steps an epoch (at least 16), its lr is scaled with the batch (not for --freeze:
+    the fc alone takes the row's), it trains config.SMALL_FOLDER_EPOCHS epochs, and a line
+    says so."""
     row_batch, row_lr = config.TRAIN_DEFAULTS[args.model + ' --small-input' * args.small_input]
     if 'lr' not in fixes_of(args.recipe):
         row_lr = config.ARTICLE_LR
@@ -118,12 +119,6 @@ def eval_batch_size(batch_size=None):
     """Evaluation keeps no activations for a backward, so it takes larger batches; at most
     twice --batch-size, so that a smaller --batch-size also helps when memory runs out."""
     return min(config.EVAL_BATCH_SIZE, 2 * batch_size) if batch_size else config.EVAL_BATCH_SIZE
-
-
-def default_help(key):
-    """'resnet18 512, resnet18 --small-input 256, ...': config.TRAIN_DEFAULTS for --help."""
-    i = ('batch_size', 'lr').index(key)
-    return ', '.join(f'{name} {row[i]}' for name, row in config.TRAIN_DEFAULTS.items())
 
 
 def build_parser():
@@ -155,11 +150,12 @@ def build_parser():
                         'at 0 when they end; instead of --epochs')
     p.add_argument('--batch-size', type=positive(int), default=None,
                    help=f'images per step (default: per model, config.TRAIN_DEFAULTS: '
-                        f'{default_help("batch_size")}; smaller for a small folder)')
+                        f'{", ".join(f"{k} {v[0]}" for k, v in config.TRAIN_DEFAULTS.items())}; '
+                        f'smaller for a small folder)')
     p.add_argument('--lr', type=positive(float), default=None,
                    help=f'peak learning rate (default: per model, config.TRAIN_DEFAULTS: '
-                        f'{default_help("lr")}; {config.ARTICLE_LR} for a recipe without the '
-                        f'lr fix)')
+                        f'{", ".join(f"{k} {v[1]}" for k, v in config.TRAIN_DEFAULTS.items())}; '
+                        f'{config.ARTICLE_LR} for a recipe without the lr fix)')
     p.add_argument('--recipe', type=recipe, default=config.RECIPE,
                    help='how to train: fixed (this repository\'s recipe), article (the '
                         'article\'s: SGD lr 0.001, no schedule, no normalisation, no '
@@ -233,7 +229,18 @@ def default_image_size(args):
 
 def check_args(args):
     """One sentence for a combination of arguments that cannot be."""
-    check_start(args)
+    if args.pretrained and args.init:
+        raise UsageError('--pretrained starts from ImageNet\'s weights and --init from a file '
+                         'of yours; pick one')
+    if args.freeze and not (args.pretrained or args.init):
+        raise UsageError('--freeze keeps the weights a run starts from, and random weights are '
+                         'not worth keeping; pass --pretrained or --init too')
+    if args.pretrained and args.model not in resnet.IMAGENET_RESNETS:
+        raise UsageError(f'torchvision has ImageNet weights for '
+                         f'{", ".join(resnet.IMAGENET_RESNETS)}, not for {args.model}')
+    if args.pretrained and (args.small_input or args.plain):
+        raise UsageError(f'{"--small-input" if args.small_input else "--plain"} changes the '
+                         f'network that the ImageNet weights were trained as; leave it out')
     if args.model == 'alexnet':
         if args.small_input or args.plain:
             flag = '--small-input changes the ResNet stem' if args.small_input else \
@@ -255,24 +262,6 @@ def check_args(args):
     if args.graph_whole_step and not args.cuda_graphs:
         raise UsageError('--graph-whole-step records a CUDA graph and --no-cuda-graphs turns '
                          'them off; pick one')
-
-
-def check_start(args):
-    """--pretrained, --init and --freeze: one sentence for a combination that cannot be."""
-    if args.pretrained and args.init:
-        raise UsageError('--pretrained starts from ImageNet\'s weights and --init from a file '
-                         'of yours; pick one')
-    if args.freeze and not (args.pretrained or args.init):
-        raise UsageError('--freeze keeps the weights a run starts from, and random weights are '
-                         'not worth keeping; pass --pretrained or --init too')
-    if not args.pretrained:
-        return
-    if args.model not in resnet.IMAGENET_RESNETS:
-        raise UsageError(f'torchvision has ImageNet weights for '
-                         f'{", ".join(resnet.IMAGENET_RESNETS)}, not for {args.model}')
-    if args.small_input or args.plain:
-        raise UsageError(f'{"--small-input" if args.small_input else "--plain"} changes the '
-                         f'network that the ImageNet weights were trained as; leave it out')
 
 
 # How a resumed run goes on, not what it computes: these may differ from the checkpoint's.

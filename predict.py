@@ -183,7 +183,7 @@ def classify(args, device):
     return 0
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description='Classify images with weights train.py saved, or '
                                             'test the weights on their test images.')
     p.add_argument('images', nargs='*', metavar='IMAGE_OR_FOLDER',
@@ -213,7 +213,11 @@ def main(argv=None):
                    default=config.NUM_WORKERS,
                    help='processes that decode images; 0: one per CPU core (default: %(default)s)')
     options.add_device_argument(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
 
     def run():
         device = options.pick_device(args.device)

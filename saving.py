@@ -58,10 +58,6 @@ def claim(out):
     Path(out).parent.mkdir(parents=True, exist_ok=True)
 
 
-def write_record(record, path):
-    save_text(json.dumps(record, indent=1), path)
-
-
 NEEDED = ('args', 'classes', 'held_size', 'mean', 'std')  # to prepare an image for the weights
 
 

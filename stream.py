@@ -45,7 +45,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
 def load_dataset(data_dir, image_size, workers=0, need_train=True,
                  test_split=config.TEST_SPLIT):
-    """data.load_dataset's Images, each split's images as ImageFiles."""
+    """data.load_dataset's Data, each split's images as ImageFiles."""
     files = data.list_image_folder(data_dir, need_train, test_split)
     size = data.held_size((files.train + files.test)[0][0], image_size)
     workers = workers or os.cpu_count() or 1
@@ -56,8 +56,8 @@ def load_dataset(data_dir, image_size, workers=0, need_train=True,
         return data.Split(ImageFiles([f for f, _ in pairs], size, workers),
                           torch.tensor([y for _, y in pairs]))
 
-    return data.Images(split(files.train) if need_train else None, split(files.test),
-                       files.classes, files.test_split)
+    return data.Data(split(files.train) if need_train else None, split(files.test),
+                     files.classes, files.test_split)
 
 
 def make_loader(images, labels, *, batch_size, mean, std, image_size, train, device,

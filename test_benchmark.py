@@ -9,6 +9,7 @@ from unittest import mock
 
 import torch
 
+import graphs
 import speed
 from test_helpers import EagerGraphedStep
 
@@ -63,7 +64,7 @@ class BenchmarkTest(unittest.TestCase):
                 made.append(tuple(inputs.shape))
                 super().__init__(step, model, optimizer, scaler, inputs, targets)
 
-        with mock.patch.object(speed, 'GraphedStep', Made):
+        with mock.patch.object(graphs, 'GraphedStep', Made):
             r = benchmark.measure('resnet18', 16, 4, torch.device('cpu'), 'fp32', 2, 1, 'whole',
                                   warmup=0)
         self.assertEqual(made, [(4, 3, 16, 16)])

@@ -5,16 +5,18 @@ import csv
 import json
 import types
 import unittest
+from pathlib import Path
 from unittest import mock
 
 import torch
 import torch.nn as nn
+import torchvision
 
 import budget
 import data
 import speed
 import train
-from test_helpers import ColourFolderCase, run_main
+from test_helpers import ColourFolderCase, make_mini_cifar, run_main
 
 CPU = torch.device('cpu')
 
@@ -62,19 +64,15 @@ class BudgetTest(unittest.TestCase):
                 self.assertEqual(plan.replan(60, planned), then, planned)
                 self.assertLessEqual(44 + (then - 60) * 0.5 + after, 60)
 
-    def test_the_run_follows_the_plan(self):
-        # The lr schedule ends at 0 at the last step planned, and the epoch holding it stops
-        # there: 25 steps in epochs of 10 are 3 epochs, the last of 5 steps.
+    def test_an_epoch_can_stop_early(self):
+        # train.fit limits each epoch to the steps planned and not yet taken: the epoch that
+        # holds the last step stops there.
         images = torch.zeros(40, 3, 4, 4, dtype=torch.uint8)
         loader = data.TensorLoader(images, torch.zeros(40, dtype=torch.long), 4, [0] * 3,
                                    [1] * 3, 4, train=True)
-        scheduler = train.build_schedule(train.build_optimizer(nn.Linear(2, 2), 0.1, CPU), 30)
-        self.assertEqual(budget.follow(25, 10, 0, scheduler, loader), 3)
-        self.assertEqual((len(loader), len(list(loader))), (10, 10))
-        self.assertEqual(budget.follow(25, 10, 2, scheduler, loader), 3)
-        self.assertEqual((len(loader), len(list(loader))), (5, 5))
-        self.assertEqual(scheduler.lr_lambdas[0](25), 0.0)
-        self.assertGreater(scheduler.lr_lambdas[0](24), 0.0)
+        for limit, batches in ((None, 10), (25, 10), (5, 5)):
+            loader.limit = limit
+            self.assertEqual((len(loader), len(list(loader))), (batches, batches))
 
     def test_too_short_a_budget_is_one_sentence(self):
         with FakeClock(elapsed=9).patch():
@@ -143,6 +141,28 @@ class MinutesTest(ColourFolderCase):
         code, out, err = run_main('--resume', '--out', self.dir / 'weight.pth')
         self.assertEqual((code, out.strip()), (0, f'{self.dir / "weight.ckpt"}: that run '
                                                     f'already finished (4 epochs)'), err)
+
+    def test_the_first_download_of_cifar10_does_not_count(self):
+        # The minutes count from the start, but for the first download of CIFAR-10.
+        starts = []
+
+        def plan(trainer, loaders, args, data_seconds, start):
+            starts.append(start)
+            raise KeyboardInterrupt  # enough: what matters is where the minutes start
+
+        def download(dataset):  # the miniature appears, as the real one would
+            if not Path(self.dir, 'cifar-10-batches-py').is_dir():
+                make_mini_cifar(self.dir)
+
+        with mock.patch.object(train, 'plan', plan), \
+                mock.patch('torchvision.datasets.cifar.check_integrity', return_value=True), \
+                mock.patch.object(torchvision.datasets.CIFAR10, 'download', download):
+            for _ in range(2):  # downloaded, then there
+                code, _, err = run_main('--data-root', self.dir, '--minutes', 1, '--batch-size',
+                                        16, '--device', 'cpu', '--out', self.dir / 'w.pth')
+                self.assertEqual(code, 130, err)
+        self.assertGreater(starts[0], train.START)
+        self.assertEqual(starts[1], train.START)
 
     def test_an_ordinary_run_says_when_it_will_end(self):
         code, out, err = self.train('--epochs', 2)

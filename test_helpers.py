@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-import speed
+import graphs
 import train
 
 HERE = Path(__file__).resolve().parent
@@ -103,6 +103,21 @@ class ColourFolderCase(unittest.TestCase):
         self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
 
 
+def make_mini_cifar(root):
+    """A CIFAR-10 of 10 images a split, in torchvision's format, in root/cifar-10-batches-py
+    (torchvision's checksums cannot match it: patch check_integrity to skip them)."""
+    import pickle
+    folder = Path(root, 'cifar-10-batches-py')
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for name in [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']:
+        pixels = torch.randint(0, 256, (10, 3072), generator=g, dtype=torch.uint8).numpy()
+        with open(folder / name, 'wb') as f:
+            pickle.dump({'data': pixels, 'labels': [i % 10 for i in range(10)]}, f)
+    with open(folder / 'batches.meta', 'wb') as f:
+        pickle.dump({'label_names': [f'class{i}' for i in range(10)]}, f)
+
+
 def train_weights(data, out, image_size, epochs):
     """Train the small-input ResNet18 on a colour folder into out (a fixture); return out."""
     code, _, err = run_main('--data', data, '--image-size', image_size, '--small-input',
@@ -129,8 +144,8 @@ def run_main(*argv):
     return run_cli(train.main, *argv)
 
 
-class EagerGraphedStep(speed.GraphedStep):
-    """speed.GraphedStep with its one CUDA-only method stood in for on the CPU: 'recording'
+class EagerGraphedStep(graphs.GraphedStep):
+    """graphs.GraphedStep with its one CUDA-only method stood in for on the CPU: 'recording'
     runs the step eagerly (once more than the warm-up, though a CUDA graph only records that
     pass), and each 'replay' runs it again, reading the lr from the tensors and writing the loss
     and outputs into the recorded ones, as the graph does."""

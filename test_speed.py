@@ -1,5 +1,5 @@
-"""Tests for speed.py: the CPU's one-pixel conv route, the CUDA graphs (their logic, on the CPU)
-and the precision choice. Each trick must compute what the plain code computes.
+"""Tests for speed.py and graphs.py: the CPU's one-pixel conv route, the CUDA graphs (their
+logic, on the CPU) and the precision choice. Each trick must compute what the plain code computes.
 """
 import contextlib
 import tempfile
@@ -14,6 +14,7 @@ import torchvision
 
 import data
 import layers
+import graphs
 import speed
 import train
 from resnet import ResNet18
@@ -132,17 +133,17 @@ class SpeedTest(unittest.TestCase):
         # On the CPU the step is the plain one (the one-pixel route is in the model); on CUDA
         # a ResNet's is recorded, unless --no-cuda-graphs; AlexNet's never is.
         cpu, step = torch.device('cpu'), object()
-        with mock.patch.object(speed, 'record_graphs', return_value=(None, 'graphed')) as rec:
+        with mock.patch.object(graphs, 'record_graphs', return_value=(None, 'graphed')) as rec:
             self.assertEqual(speed.prepare_step(step, None, None, speed.MixedPrecision(cpu),
                                                 None, 'resnet18'),
                              (step, speed.ONE_PIXEL_ROUTE, 0.0))
             with mock.patch.object(speed.MixedPrecision, '__init__', return_value=None):
                 cuda = speed.MixedPrecision('cuda')
             cuda.device, cuda.dtype = torch.device('cuda'), None
-            for name, graphs, how in (('resnet18', True, 'graphed'), ('resnet18', False, 'eager'),
-                                      ('alexnet', True, 'eager')):
-                got, said, _ = speed.prepare_step(step, None, None, cuda, None, name, graphs)
-                self.assertEqual((got, said), (step, how), (name, graphs))
+            for name, graphed, how in (('resnet18', True, 'graphed'),
+                                       ('resnet18', False, 'eager'), ('alexnet', True, 'eager')):
+                got, said, _ = speed.prepare_step(step, None, None, cuda, None, name, graphed)
+                self.assertEqual((got, said), (step, how), (name, graphed))
         self.assertEqual(rec.call_count, 1)
         torch.backends.cudnn.benchmark = False
 

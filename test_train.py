@@ -23,13 +23,14 @@ from PIL import Image
 
 import config
 import data
+import graphs
 import options
 import saving
 import speed
 import train
 from resnet import ResNet18, count_parameters
 from test_helpers import COLOURS, ColourFolderCase, EagerGraphedStep, make_colour_folder, \
-    run_main, run_script
+    make_mini_cifar, run_main, run_script
 
 CPU = torch.device('cpu')
 AUTO = speed.choose_precision('auto', CPU)  # what --precision auto picks on this CPU
@@ -201,7 +202,7 @@ class TrainTest(ColourFolderCase):
     def test_cuda_graphs_are_recorded_once_on_a_full_train_batch(self):
         # On CUDA the whole step is recorded as a CUDA graph on a train batch (all are full),
         # in train mode, and replayed for every batch; it must train as the plain step does.
-        # (speed.record_graphs's CPU stand-in: EagerGraphedStep.)
+        # (graphs.record_graphs, with GraphedStep's CPU stand-in: EagerGraphedStep.)
         replays = []
 
         class Counted(EagerGraphedStep):
@@ -209,13 +210,13 @@ class TrainTest(ColourFolderCase):
                 replays.append(len(inputs))
                 return super().__call__(inputs, targets)
 
-        def on_cuda(step, model, optimizer, scaler, loader, name, graphs, whole_step):
-            self.assertEqual((name, graphs, whole_step), ('resnet18', True, None))
-            return speed.record_graphs(step, model, optimizer, scaler, loader, whole_step)[0], \
+        def on_cuda(step, model, optimizer, scaler, loader, name, graphed, whole_step):
+            self.assertEqual((name, graphed, whole_step), ('resnet18', True, None))
+            return graphs.record_graphs(step, model, optimizer, scaler, loader, whole_step)[0], \
                 'the whole step as a CUDA graph', 0.5
 
         with mock.patch.object(speed, 'prepare_step', on_cuda), \
-                mock.patch.object(speed, 'GraphedStep', Counted):
+                mock.patch.object(graphs, 'GraphedStep', Counted):
             code, out, err = self.train('--epochs', 1, out=self.dir / 'step' / 'weight.pth')
         self.assertEqual(code, 0, err)
         self.assertEqual(replays, [16, 16, 16])  # every train batch, through the graph
@@ -395,14 +396,9 @@ class TrainTest(ColourFolderCase):
         self.assertAlmostEqual(acc, 100 * (outputs.argmax(1) == labels).sum().item() / 9)
 
     def test_resume_gives_the_same_result(self):
-        # Held in memory, and streamed (--stream), a run stopped by Ctrl-C in its second epoch
-        # and resumed ends as the run that was never stopped.
-        for stream in ([], ['--stream']):
-            with self.subTest(stream=stream):
-                self.check_resume(stream, self.dir / ('stream' if stream else 'memory'))
-
-    def check_resume(self, extra, folder):
-        code, _, err = self.train('--save-every', 0, *extra, out=folder / 'a' / 'weight.pth')
+        # A run stopped by Ctrl-C in its second epoch and resumed ends as the run that was
+        # never stopped. (Streamed images give the batches held ones give: test_stream.)
+        code, _, err = self.train('--save-every', 0, out=self.dir / 'a' / 'weight.pth')
         self.assertEqual(code, 0, err)
         calls = []
 
@@ -412,9 +408,9 @@ class TrainTest(ColourFolderCase):
                 raise KeyboardInterrupt
             return real(trainer, loader)
 
-        b = folder / 'b' / 'weight.pth'
+        b = self.dir / 'b' / 'weight.pth'
         with fake_epochs('epoch_train', interrupted):
-            code, _, err = self.train('--save-every', 0, *extra, out=b)
+            code, _, err = self.train('--save-every', 0, out=b)
         self.assertEqual((code, err.strip().count('\n')), (130, 0), err)
         self.assertIn('interrupted in epoch 2; the best weights so far are in', err)
         self.assertIn(f'python train.py --resume --out {b}', err)
@@ -422,8 +418,7 @@ class TrainTest(ColourFolderCase):
         code, out, err = run_main('--resume', '--out', b, '--device', 'cpu', '--workers', 1)
         self.assertEqual(code, 0, err)
         self.assertIn('resuming from epoch 1', out)
-        self.assertEqual('streaming' in out, bool(extra))
-        done_a = torch.load(folder / 'a' / 'weight.ckpt', weights_only=True)
+        done_a = torch.load(self.dir / 'a' / 'weight.ckpt', weights_only=True)
         done_b = torch.load(b.with_suffix('.ckpt'), weights_only=True)
         for k, v in done_a['model'].items():
             self.assertTrue(torch.allclose(v.float(), done_b['model'][k].float(), atol=1e-6), k)
@@ -824,17 +819,7 @@ class TrainInputTest(unittest.TestCase):
     def test_cifar10_path_trains(self):
         # The default data path, on a miniature CIFAR-10 in torchvision's format (the real one
         # is downloaded; its checksums cannot match this one, so that check is skipped).
-        import pickle
-        folder = self.root / 'cifar-10-batches-py'
-        folder.mkdir()
-        g = torch.Generator().manual_seed(0)
-        for name in [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']:
-            labels = [i % 10 for i in range(10)]
-            pixels = torch.randint(0, 256, (10, 3072), generator=g, dtype=torch.uint8).numpy()
-            with open(folder / name, 'wb') as f:
-                pickle.dump({'data': pixels, 'labels': labels}, f)
-        with open(folder / 'batches.meta', 'wb') as f:
-            pickle.dump({'label_names': [f'class{i}' for i in range(10)]}, f)
+        make_mini_cifar(self.root)
         with mock.patch('torchvision.datasets.cifar.check_integrity', return_value=True), \
                 mock.patch.object(torchvision.datasets.CIFAR10, 'download'):
             code, out, err = run_main('--data-root', self.root, '--epochs', 1, '--batch-size', 25,

@@ -6,6 +6,7 @@ are fixed, each marked `# Article:`. What is not the article's idea is one named
 skip: data.py (the data path), speed.py (speed only), saving.py (files), transfer.py (starting
 from trained weights), budget.py (--minutes), options.py (the command line).
 """
+import json
 import math
 import sys
 import time
@@ -24,7 +25,7 @@ import resnet
 import saving
 import speed
 from alexnet import AlexNet
-from data import Data, Loaders, Split, channel_stats, load_dataset, make_loader, split_valid
+from data import Loaders, Split, channel_stats, load_dataset, make_loader, split_valid
 
 
 class Trainer:
@@ -42,12 +43,15 @@ class Trainer:
         # Article: fp32 only. Mixed precision: autocast to bf16 or fp16 where the device is
         # faster in them (speed.choose_precision; None: fp32), with fp16's loss scaling.
         self.amp = speed.MixedPrecision(self.device, precision)
-        self.progress = sys.stdout.isatty()  # a live progress line on a terminal, none in a log
-        self.confusion = None  # of the last epoch_valid: counts, true class by predicted class
+        # Article: nothing between the epochs' lines, and accuracy alone. Here a live progress
+        # line on a terminal (none in a log), and the counts behind the accuracy, true class by
+        # predicted class, of the last epoch_valid (its confusion matrix).
+        self.progress = sys.stdout.isatty()
+        self.confusion = None
 
     def train_step(self, inputs, targets):
         """One step of the article's loop: forward, loss, backward, SGD update. (On CUDA,
-        speed.cuda_graph_step puts a CUDA graph of this step in its place.)"""
+        train() puts a CUDA graph of this step in its place: speed.prepare_step.)"""
         self.optimizer.zero_grad(set_to_none=True)
         with self.amp.autocast():
             outputs = self.model(inputs)
@@ -124,6 +128,7 @@ class Trainer:
 # The builders: model, optimizer, loss and lr schedule.
 
 def build_model(name, num_classes, small_input=False, plain=False):
+    # Article: ResNet18(10). Here any --model, with --small-input's stem or --plain's no shortcuts.
     if name == 'alexnet':
         return AlexNet(in_channels=3, num_classes=num_classes)
     if name in resnet.CIFAR_RESNETS:
@@ -143,25 +148,30 @@ def build_optimizer(model, lr, device, fixes=options.FIXES, groups=None):
 
 
 def build_criterion(fixes=options.FIXES):
-    """Cross-entropy with label smoothing (config.py), for training and every evaluation."""
+    """Cross-entropy, for training and every evaluation."""
+    # Article: plain cross-entropy. Label smoothing (config.py) aims at 90% for the right class.
     smoothing = config.LABEL_SMOOTHING if 'smoothing' in fixes else 0.0
     return nn.CrossEntropyLoss(label_smoothing=smoothing)
 
 
 def build_schedule(optimizer, total_steps, fixes=options.FIXES):
-    """The lr factor of each step: warm-up, then linear decay to 0 (the article: constant)."""
-    factor = WarmupLinear(total_steps, config.WARMUP) if 'lr' in fixes else lambda step: 1.0
+    """The lr factor of each step: warm-up, then linear decay to 0 (WarmupLinear)."""
+    # Article: a constant lr (warmup None).
+    factor = WarmupLinear(total_steps, config.WARMUP if 'lr' in fixes else None)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class WarmupLinear:
     """lr factor: a linear rise over the first `warmup` fraction of total_steps, then linear to
-    0 at total_steps. (--minutes sets total_steps as it plans; the checkpoint keeps it.)"""
+    0 at total_steps; 1 throughout for warmup None. (--minutes sets total_steps as it plans; the
+    checkpoint keeps it.)"""
 
     def __init__(self, total_steps, warmup):
         self.total_steps, self.warmup = total_steps, warmup
 
     def __call__(self, step):
+        if self.warmup is None:
+            return 1.0
         peak = max(1, round(self.total_steps * self.warmup))
         if step < peak:
             return (step + 1) / peak
@@ -177,16 +187,16 @@ def load_data(args, fixes, device):
     t0 = time.perf_counter()
     if args.stream:  # a folder too large for memory: decoded batch by batch, every epoch
         import stream
-        images = stream.load_dataset(args.data, args.image_size, args.workers)
+        dataset = stream.load_dataset(args.data, args.image_size, args.workers)
     else:
-        images = load_dataset(args.data, args.data_root, args.image_size, args.workers,
-                              device=device)
+        dataset = load_dataset(args.data, args.data_root, args.image_size, args.workers,
+                               device=device)
     # Article: it validated on the test set and kept the epoch best there, so the accuracy it
     # reported was chosen on the images it was measured on. Validation images, held out of the
     # training images, choose here; the test images are measured once, at the end.
-    train_idx, valid_idx = split_valid(images.train.labels, args.valid_split, args.seed)
-    train, valid = (Split(images.train.images[i], images.train.labels[i])
-                    for i in (train_idx, valid_idx))
+    images, labels = dataset.train
+    train_idx, valid_idx = split_valid(labels, args.valid_split, args.seed)
+    train, valid = (Split(images[i], labels[i]) for i in (train_idx, valid_idx))
     # Article: raw [0, 1] pixels, and no augmentation. The fixes normalise with the training
     # images' statistics (ImageNet's for its weights), and crop and flip each training image
     # anew each epoch (the loader).
@@ -197,36 +207,40 @@ def load_data(args, fixes, device):
     else:
         mean, std = [0.0] * 3, [1.0] * 3
     print(f'{len(train.labels):,} train, {len(valid.labels):,} valid and '
-          f'{len(images.test.labels):,} test images, {len(images.classes)} classes, held at '
+          f'{len(dataset.test.labels):,} test images, {len(dataset.classes)} classes, held at '
           f'{train.images.shape[-1]} px, fed at {args.image_size} px; mean '
           f'{[round(m, 4) for m in mean]}, std {[round(s, 4) for s in std]} '
           f'({time.perf_counter() - t0:.1f} s)')
-    return Data(train, valid, images.test, images.classes, mean, std, images.test_split)
+    return dataset._replace(train=train, valid=valid, mean=mean, std=std)
 
 
 def build_loaders(data, args, fixes, device):
     # Article: PIL decoded and resized every image in every epoch. Here each is decoded once,
     # and the loaders crop, flip and normalise whole batches on the device (data.py).
-    if args.stream:
+    make = make_loader
+    if args.stream:  # the images decoded anew in every epoch: stream.py
         import stream
-    make = stream.make_loader if args.stream else make_loader
+        make = stream.make_loader
     common = dict(mean=data.mean, std=data.std, image_size=args.image_size, device=device,
                   memory_format=speed.memory_format(device))
     train = make(*data.train, batch_size=args.batch_size, train=True, seed=args.seed,
                  augment='augment' in fixes, **common)
-    eval_batch = options.eval_batch_size(args.batch_size)
-    valid, test = (make(*split, batch_size=eval_batch, train=False, **common)
-                   if len(split.labels) else None for split in (data.valid, data.test))
-    return Loaders(train, valid, test)
+    # Article: validation in batches of config.BATCH_SIZE. Without a backward to keep
+    # activations for, larger ones fit (options.eval_batch_size).
+    evaluation = dict(batch_size=options.eval_batch_size(args.batch_size), train=False, **common)
+    valid = make(*data.valid, **evaluation) if len(data.valid.labels) else None
+    return Loaders(train, valid, make(*data.test, **evaluation))
 
 
 def weight_record(args, data, precision, start):
     """weight.json: the run's arguments, and what predict.py needs to prepare an image for the
     weights (the classes, the held size, the mean and std); the run adds its accuracies."""
-    return {'args': vars(args), 'classes': data.classes, 'held_size': data.train.images.shape[-1],
+    return {'args': vars(args),  # live: the epochs that --minutes plans are recorded as well
+            'classes': data.classes, 'held_size': data.train.images.shape[-1],
             'mean': data.mean, 'std': data.std, 'test_split': data.test_split,
             'data': str(Path(args.data).resolve()) if args.data else 'cifar10',
-            'start': start.name if start else 'random', 'precision': speed.precision_name(precision)}
+            'start': start.name if start else 'random',
+            'precision': speed.precision_name(precision)}
 
 
 class Best(NamedTuple):
@@ -257,13 +271,16 @@ def train(args, given, device):
         import transfer
         start = transfer.read_start(args.model, args.pretrained, args.init)
     precision = speed.choose_precision(args.precision, device)
-    args.image_size = args.image_size or options.default_image_size(args)  # 224: --pretrained
+    # Article: Resize((224, 224)). Here CIFAR's own 32 px (config.IMAGE_SIZE); 224 for ImageNet's
+    # weights (--pretrained), 67 for AlexNet.
+    args.image_size = args.image_size or options.default_image_size(args)
+    downloads = not args.data and not Path(args.data_root, 'cifar-10-batches-py').is_dir()
     t0 = time.perf_counter()
     data = load_data(args, fixes, device)
     seconds = {'loading data': time.perf_counter() - t0}
     args.batch_size, args.lr, args.epochs = options.train_defaults(args, len(data.train.labels))
 
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # Article: unseeded
     model = build_model(args.model, len(data.classes), args.small_input, args.plain)
     # The trained weights, loaded (with --freeze, all but the fc frozen); None: random ones.
     groups = transfer.load(model, start, data.classes, args.freeze, args.lr) if start else None
@@ -273,41 +290,28 @@ def train(args, given, device):
     optimizer = build_optimizer(model, args.lr, device, fixes, groups)
     loaders = build_loaders(data, args, fixes, device)
     trainer = Trainer(model, optimizer, build_criterion(fixes), device, precision=precision)
-    clock, per_epoch = None, len(loaders.train)
-    if args.minutes and not checkpoint:  # the steps that fit in --minutes (budget.py)
-        import budget
-        clock = budget.Budget(args.minutes, START, per_epoch)
-        steps = clock.first_plan(budget.seconds_per_step(trainer.train_step, model, optimizer,
-                                                         trainer.amp, loaders.train),
-                                 args.batch_size, len(data.valid.labels), len(data.test.labels),
-                                 seconds['loading data'])
-    trainer.scheduler = build_schedule(optimizer, steps if clock else args.epochs * per_epoch,
-                                       fixes)
-    if clock:  # the lr reaches 0 at the last step that fits, perhaps within the last epoch
-        args.epochs = budget.follow(steps, per_epoch, 0, trainer.scheduler, loaders.train)
+    # The schedule comes last: --minutes times training steps first, to know its length.
+    clock, steps = None, args.epochs * len(loaders.train)
+    if args.minutes and not checkpoint:  # the steps that fit in the minutes (budget.py)
+        clock, steps = plan(trainer, loaders, args, seconds['loading data'],
+                            START + seconds['loading data'] * downloads)
+    trainer.scheduler = build_schedule(optimizer, steps, fixes)
     record, history, best, first = weight_record(args, data, precision, start), [], None, 1
     if checkpoint:  # Article: none. Here a stopped run goes on as if it had never stopped.
-        saving.resume(checkpoint, model, optimizer, trainer.scheduler, trainer.amp, device)
-        history, first = checkpoint['history'], checkpoint['epoch'] + 1
-        if args.minutes:  # the steps it planned: its last epoch may end early
-            import budget
-            budget.follow(trainer.scheduler.lr_lambdas[0].total_steps, per_epoch, first - 1,
-                          trainer.scheduler, loaders.train)
-        if out.exists():  # the best weights it kept: this run's, as --out is its alone
-            kept = saving.read_record(out)
-            best = Best(kept['valid_acc'], kept['best_epoch'], saving.load_weights(out))
-        print(f'resuming from epoch {first - 1} of {args.epochs}')
-    trainer.train_step, how, seconds['recording CUDA graphs'] = speed.prepare_step(
+        history, best, first = resume(checkpoint, trainer, args, out)
+    step, how, seconds['recording CUDA graphs'] = speed.prepare_step(
         trainer.train_step, model, optimizer, trainer.amp, loaders.train, args.model,
         args.cuda_graphs, args.graph_whole_step)  # on CUDA, graphs; on the CPU, the route
+    trainer.train_step = step  # on CUDA, the step replayed as a CUDA graph
     print_header(args, device, precision, how, len(loaders.train))
 
-    # Article: this loop, then torch.save(best_params) once. Here the best weights so far (a
-    # copy), weight.json, the epochs and the checkpoint are written every --save-every seconds
-    # and at the end; Ctrl-C, a NaN loss or running out of memory end the run with them saved.
+    # Article: this loop, then torch.save(best_params) once. Here the best weights (a copy) and
+    # weight.json, the epochs and the checkpoint are written every --save-every seconds and at
+    # the end. Ctrl-C, a NaN loss or running out of memory write the best weights so far and
+    # weight.json, and end the run; --resume goes on from the last checkpoint.
     last_save = time.monotonic()
     try:
-        for row in fit(trainer, loaders, first, args):
+        for row in fit(trainer, loaders, first, args):  # until args.epochs, read each epoch
             history.append(row)
             if best is None or row['valid_acc'] is None or row['valid_acc'] > best.valid_acc:
                 # Article: it kept `trainer.params`, a live view of the weights, so the "best"
@@ -316,11 +320,18 @@ def train(args, given, device):
                             {k: v.detach().clone() for k, v in trainer.params.items()})
             if clock:  # plan again from the epochs so far; the lr schedule follows
                 steps = clock.replan(trainer.scheduler.last_epoch, steps)
-                args.epochs = budget.follow(steps, per_epoch, row['epoch'], trainer.scheduler,
-                                            loaders.train)
+                trainer.scheduler.lr_lambdas[0].total_steps = steps
+                args.epochs = math.ceil(steps / clock.per_epoch)
             if row['epoch'] == args.epochs or time.monotonic() - last_save >= args.save_every:
                 save(out, record, best, trainer, history, args)
                 last_save = time.monotonic()
+        # The one look at the test set, at the weights the validation images chose.
+        seconds.update(training=sum(r['train_seconds'] for r in history),
+                       evaluating=sum(r['valid_seconds'] for r in history))
+        t0 = time.perf_counter()
+        model.load_state_dict(best.params)
+        _, record['test_acc'] = trainer.epoch_valid(loaders.test)
+        seconds['testing'] = time.perf_counter() - t0
     except (KeyboardInterrupt, FloatingPointError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not errors.out_of_memory(e):
             raise
@@ -328,17 +339,37 @@ def train(args, given, device):
         epoch = history[-1]['epoch'] + 1 if history else first
         print(f'\n{stopped(e, args, device, out, epoch)}', file=sys.stderr)
         return 130 if isinstance(e, KeyboardInterrupt) else 1
-
-    # The one look at the test set, at the weights the validation images chose.
-    seconds.update(training=sum(r['train_seconds'] for r in history),
-                   evaluating=sum(r['valid_seconds'] for r in history))
-    t0 = time.perf_counter()
-    model.load_state_dict(best.params)
-    _, record['test_acc'] = trainer.epoch_valid(loaders.test)
-    seconds['testing'] = time.perf_counter() - t0
     save(out, record, best)
     report(record, best, seconds, trainer.class_accuracy, len(data.test.labels), out)
     return 0
+
+
+def plan(trainer, loaders, args, data_seconds, start):
+    """--minutes: the training steps that fit in the minutes from `start`, timed on a few
+    (budget.py), and the epochs that hold them. Returns the budget and the steps."""
+    import budget
+    clock = budget.Budget(args.minutes, start, len(loaders.train))
+    steps = clock.first_plan(budget.seconds_per_step(trainer.train_step, trainer.model,
+                                                     trainer.optimizer, trainer.amp,
+                                                     loaders.train), args.batch_size,
+                             len(loaders.valid.labels) if loaders.valid else 0,
+                             len(loaders.test.labels), data_seconds)
+    args.epochs = math.ceil(steps / clock.per_epoch)
+    return clock, steps
+
+
+def resume(checkpoint, trainer, args, out):
+    """The checkpoint's states put back into the run, and its epochs so far; the best weights
+    it kept (this run's, as --out is its alone); and the epoch to go on from."""
+    saving.resume(checkpoint, trainer.model, trainer.optimizer, trainer.scheduler, trainer.amp,
+                  trainer.device)
+    first = checkpoint['epoch'] + 1
+    best = None
+    if out.exists():
+        kept = saving.read_record(out)
+        best = Best(kept['valid_acc'], kept['best_epoch'], saving.load_weights(out))
+    print(f'resuming from epoch {first - 1} of {args.epochs}')
+    return checkpoint['history'], best, first
 
 
 def print_header(args, device, precision, how, batches):
@@ -358,6 +389,9 @@ def fit(trainer, loaders, first, args):
     epoch, spent = first, []
     while epoch <= args.epochs:
         t0 = time.perf_counter()
+        # The steps planned and not yet taken: with --minutes, the last epoch may end early.
+        loaders.train.limit = trainer.scheduler.lr_lambdas[0].total_steps - \
+            trainer.scheduler.last_epoch
         loaders.train.set_epoch(epoch)
         train_loss, train_acc = trainer.epoch_train(loaders.train)
         t1 = time.perf_counter()
@@ -365,12 +399,13 @@ def fit(trainer, loaders, first, args):
             raise FloatingPointError(train_loss)  # no longer a number
         valid_loss, valid_acc = (trainer.epoch_valid(loaders.valid) if loaders.valid
                                  else (None, None))  # --valid-split 0: the last epoch is kept
-        spent.append(time.perf_counter() - t0)
+        t2 = time.perf_counter()
+        spent.append(t2 - t0)
         row = {'epoch': epoch, 'train_loss': round(train_loss, 4),
                'train_acc': round(train_acc, 2), 'valid_loss': valid_loss and round(valid_loss, 4),
                'valid_acc': valid_acc and round(valid_acc, 2),
                'lr': round(trainer.optimizer.param_groups[0]['lr'], 6),
-               'train_seconds': round(t1 - t0, 2), 'valid_seconds': round(spent[-1] - t1 + t0, 2),
+               'train_seconds': round(t1 - t0, 2), 'valid_seconds': round(t2 - t1, 2),
                'img_per_s': round(len(loaders.train) * loaders.train.batch_size / (t1 - t0))}
         print_epoch(row, args.epochs, (args.epochs - epoch) * sum(spent) / len(spent))
         yield row
@@ -382,12 +417,11 @@ def print_epoch(row, epochs, left):
     # NameError in epoch 1. Here one line, with the time the run has left.
     valid = (f'valid loss {row["valid_loss"]:.3f} acc {row["valid_acc"]:5.2f}%'
              if row['valid_acc'] is not None else 'no validation')
+    left = f'  about {in_words(left)} left' if row['epoch'] < epochs else ''
     print(f'epoch {row["epoch"]:>{len(str(epochs))}}/{epochs}  '
           f'train loss {row["train_loss"]:.3f} acc {row["train_acc"]:5.2f}%  {valid}  '
           f'lr {row["lr"]:.4f}  {row["train_seconds"] + row["valid_seconds"]:5.1f}s  '
-          f'{row["img_per_s"]:,} img/s' + (f'  about {in_words(left)} left' if row['epoch'] < epochs
-                                           else ''),
-          flush=True)
+          f'{row["img_per_s"]:,} img/s{left}', flush=True)
 
 
 def in_words(seconds):
@@ -397,31 +431,36 @@ def in_words(seconds):
 def save(out, record, best, trainer=None, history=None, args=None):
     """Write the best weights (if new since the last save) and weight.json; after an epoch,
     with `history`, the checkpoint and the epochs (weight.csv, weight.png) too."""
-    if best is not None and record.get('best_epoch') != best.epoch:
+    if best is None:
+        return
+    if record.get('best_epoch') != best.epoch:
         saving.save_torch(best.params, out)
-    if best is not None:
-        record.update(valid_acc=best.valid_acc, best_epoch=best.epoch)
-        saving.write_record(record, out.with_suffix('.json'))
+    record.update(valid_acc=best.valid_acc, best_epoch=best.epoch)
     if history:
         record['steps'] = trainer.scheduler.last_epoch  # the training steps taken
         saving.save_checkpoint(out.with_suffix('.ckpt'), history[-1]['epoch'], vars(args),
                                history, trainer.model, trainer.optimizer, trainer.scheduler,
                                trainer.amp, trainer.device)
         saving.save_history(history, out)
+    saving.save_text(json.dumps(record, indent=1), out.with_suffix('.json'))
 
 
 def stopped(e, args, device, out, epoch):
-    """What stopped the run in `epoch`, what was kept and how to go on: one sentence."""
-    kept = (f'the best weights so far are in {out}' if out.exists() else
-            'no epoch had finished, so nothing was saved')
-    if isinstance(e, KeyboardInterrupt):
-        resume = out.with_suffix('.ckpt').exists()
-        return f'interrupted in epoch {epoch}; {kept}' + (
-            f'; to go on: python train.py --resume --out {out}' if resume else '')
-    what = (f'the loss became {e} in epoch {epoch}; try a lower --lr than {args.lr}'
-            if isinstance(e, FloatingPointError) else
-            f'in epoch {epoch}, {out_of_memory_advice(args, device.type)}')
-    return f'error: {what}; {kept}; a new run needs its own --out'
+    """What stopped the run in `epoch` (after the last: in the test), what was kept and how to
+    go on: one sentence."""
+    kept = 'the best weights so far are in ' + str(out) if out.exists() else \
+        'no epoch had finished, so nothing was saved'
+    if not isinstance(e, KeyboardInterrupt):
+        if isinstance(e, FloatingPointError):
+            what = f'the loss became {e} in epoch {epoch}; try a lower --lr than {args.lr}'
+        else:
+            what = f'in epoch {epoch}, {out_of_memory_advice(args, device.type)}'
+        return f'error: {what}; {kept}' + ('; a new run needs its own --out' * out.exists())
+    if epoch > args.epochs:
+        return (f'interrupted in the test; {kept}; to test them: python predict.py --test '
+                f'--weights {out}')
+    then = f'; to go on: python train.py --resume --out {out}'
+    return f'interrupted in epoch {epoch}; {kept}' + then * out.with_suffix('.ckpt').exists()
 
 
 def report(record, best, seconds, class_accuracy, n_test, out):
@@ -451,15 +490,17 @@ def out_of_memory_advice(args, device='cpu'):
 
 def main(argv=None):
     args = options.parse_args(argv)
-    return errors.guarded(lambda: run(args, argv), lambda: out_of_memory_advice(
-        args, options.pick_device(args.device).type))  # one sentence, not a traceback
+    # Article: full fp32. TF32 matrix products on GPUs from Ampere on (no effect on the CPU).
+    torch.set_float32_matmul_precision('high')
 
+    def run():
+        options.check_args(args)
+        given = options.given(argv) if args.resume else {}  # what --resume checks
+        return train(args, given, options.pick_device(args.device))
 
-def run(args, argv):
-    torch.set_float32_matmul_precision('high')  # TF32 on Ampere and later; no-op on CPU
-    options.check_args(args)
-    given = options.given(argv) if args.resume else {}  # what --resume checks
-    return train(args, given, options.pick_device(args.device))
+    # A bad argument, Ctrl-C before the epochs or running out of memory: one sentence.
+    return errors.guarded(run, lambda: out_of_memory_advice(
+        args, options.pick_device(args.device).type))
 
 
 if __name__ == '__main__':

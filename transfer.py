@@ -1,11 +1,9 @@
 """Start from trained weights instead of random ones: the way to learn from a few hundred photos.
 
---pretrained takes torchvision's ImageNet weights for ResNet18/34/50 (through torchvision's
-weights API, which downloads once and caches under TORCH_HOME), or such a file by path; --init
-takes any weight.pth of the same model, such as this repository's CIFAR-10 weights. The
-network's last layer (its head: the fc) is new when the classes differ. --freeze trains the
-head alone, on the features of the frozen network; without it every layer trains, those that
-came with the weights at a smaller lr (config.py's factors).
+--pretrained takes torchvision's ImageNet weights for ResNet18/34/50 (downloaded once into
+TORCH_HOME's cache), or such a file by path; --init takes a weight.pth of the same model. The
+last layer (the head, fc) is new when the classes differ. --freeze trains the head alone; without
+it every layer trains, those that came with the weights at a smaller lr (config.py's factors).
 """
 import re
 from pathlib import Path
