@@ -29,20 +29,21 @@ class Budget:
 
     def first_plan(self, step_seconds, batch_size, n_valid, n_test, data_seconds):
         """The steps that fit, before the first, from the time of one: each epoch's steps and
-        a validation of n_valid images, then the test. One sentence, naming the time the data
-        took, when not one epoch fits."""
+        a validation of n_valid images, then the test; fewer than an epoch's, if that is all
+        that fits. One sentence, naming the time the data took, when not one step does."""
         per_image = EVAL_COST * step_seconds / batch_size
         self.test_seconds = n_test * per_image + EXIT_SECONDS
         self.began = time.monotonic()
-        epoch = self.per_epoch * step_seconds + n_valid * per_image
-        steps = self.steps(epoch / self.per_epoch)
-        if steps < self.per_epoch:
-            need = (self.began - self.start + epoch + self.test_seconds) / (1 - MARGIN)
+        valid = n_valid * per_image
+        steps = self.steps(step_seconds + valid / self.per_epoch)
+        if steps == 0:
+            least = step_seconds + valid + self.test_seconds
+            need = (self.began - self.start + least) / (1 - MARGIN)
             raise UsageError(f'--minutes {self.seconds / 60:g} is too short to train: starting '
                              f'took {self.began - self.start:.0f} s (reading the data '
-                             f'{data_seconds:.0f} s), and one epoch would take about '
-                             f'{epoch:.0f} s more; give --minutes {math.ceil(need / 6) / 10:g} '
-                             f'or more')
+                             f'{data_seconds:.0f} s), and a step, a validation and the test '
+                             f'would take about {least:.0f} s more; give --minutes '
+                             f'{math.ceil(need / 6) / 10:g} or more')
         return steps
 
     def replan(self, done, planned):

@@ -75,13 +75,16 @@ class BudgetTest(unittest.TestCase):
             self.assertEqual((len(loader), len(list(loader))), (batches, batches))
 
     def test_too_short_a_budget_is_one_sentence(self):
+        # A plan shorter than an epoch trains what fits; one without a step is refused.
         with FakeClock(elapsed=9).patch():
+            self.assertEqual(budget.Budget(0.25, train.START, 10).first_plan(
+                0.5, 32, 64, 128, data_seconds=7), 4)  # 15 - 9 - 2.8 - 0.6 s: 4 of 0.54 s
             with self.assertRaises(budget.UsageError) as caught:
                 budget.Budget(0.2, train.START, 10).first_plan(0.5, 32, 64, 128, data_seconds=7)
         self.assertEqual(str(caught.exception),
                          '--minutes 0.2 is too short to train: starting took 9 s (reading the '
-                         'data 7 s), and one epoch would take about 5 s more; give --minutes 0.3 '
-                         'or more')
+                         'data 7 s), and a step, a validation and the test would take about 4 s '
+                         'more; give --minutes 0.3 or more')
 
     def test_timing_steps_puts_everything_back(self):
         torch.manual_seed(0)
