@@ -176,7 +176,9 @@ def build_parser():
     p.add_argument('--freeze', action='store_true',
                    help='with --pretrained or --init: train the new fc alone, on the features '
                         'of the frozen network (without it, every layer trains, those that '
-                        f'came with the weights at {config.PRETRAINED_LR_FACTOR} x the lr)')
+                        f'came with the weights at a fraction of the lr: '
+                        f'{config.PRETRAINED_LR_FACTOR} for ImageNet\'s, {config.INIT_LR_FACTOR} '
+                        f'for --init\'s)')
     p.add_argument('--model', choices=MODELS, default=config.MODEL, metavar='MODEL',
                    help=f'network to train: {", ".join(MODELS)} (default: %(default)s)')
     p.add_argument('--small-input', action='store_true', default=config.SMALL_INPUT,

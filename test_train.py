@@ -567,6 +567,9 @@ class TrainTest(ColourFolderCase):
             self.assertIn('best weights so far', err)
             ResNet18(3, small_input=True).load_state_dict(torch.load(out, weights_only=True))
             self.assertEqual(torch.load(out.with_suffix('.ckpt'), weights_only=True)['epoch'], 1)
+        # Apple's GPU says it in words of its own.
+        self.assertTrue(train.errors.out_of_memory(RuntimeError(
+            'MPS backend out of memory (MPS allocated: 8.00 GB, other allocations: 1.00 GB)')))
         # Before the epochs too; and an error that is not about memory stays a traceback.
         with mock.patch.object(train, 'build_loaders', side_effect=errors[1]):
             code, _, err = self.train(out=self.dir / 'early' / 'weight.pth')

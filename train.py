@@ -375,10 +375,10 @@ def resume(checkpoint, trainer, args, out):
 def print_header(args, device, precision, how, batches):
     """The network, where and how it trains, and for how long."""
     recipe = f', the recipe {args.recipe}' if args.recipe != 'fixed' else ''
-    length = (f'about {args.epochs} epochs of {batches} batches of {args.batch_size} in '
-              f'{args.minutes:g} min' if args.minutes else
-              f'{args.epochs} epoch{"s" * (args.epochs > 1)} of {batches} '
+    length = (f'{args.epochs} epoch{"s" * (args.epochs > 1)} of {batches} '
               f'batch{"es" * (batches > 1)} of {args.batch_size}')
+    if args.minutes:
+        length = f'about {length} in {args.minutes:g} min'
     print(f'{options.describe(args)}, {device.type}, {speed.precision_name(precision)}, {how}'
           f'{recipe}, {length}, peak lr {args.lr}')
 
