@@ -131,10 +131,12 @@ def load_into(model, state, path, what,
                          f'{advice}') from None
 
 
-def save_checkpoint(path, epoch, args, history, model, optimizer, scheduler, scaler, device):
+def save_checkpoint(path, epoch, arguments, history, model, optimizer, scheduler, scaler,
+                    device):
     """What --resume needs to go on after `epoch` as if the run had never stopped: the run's
-    arguments, its epochs so far, and the state of everything that changes as it trains."""
-    save_torch({'epoch': epoch, 'args': dict(args), 'history': history,
+    arguments (a dict of plain values), its epochs so far, and the state of everything that
+    changes as it trains."""
+    save_torch({'epoch': epoch, 'args': dict(arguments), 'history': history,
                 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                 'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(),
                 'rng': rng_state(device)}, path)
