@@ -67,11 +67,6 @@ def article_resnet18(num_classes):
 
 # ----------------------------------------------------------------------------------------------
 
-def sync(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-
-
 def build(name, num_classes=10):
     if name == 'resnet18-article':
         return article_resnet18(num_classes)
@@ -103,10 +98,12 @@ def measure(name, image_size, batch_size, device, precision, steps, repeats, lau
         model = model.to(device, memory_format=mf)
     else:
         model = speed.prepare_model(model, device)  # as train.py prepares it
-    optimizer = train.build_optimizer(model, 0.01, device)  # train.py's own
+    recipe = options.recipe_values('fixed')  # train.py's own optimizer and loss
+    optimizer = train.build_optimizer(model.parameters(), 0.01, recipe['momentum'],
+                                      recipe['weight_decay'], recipe['nesterov'], device)
     amp_dtype = speed.choose_precision(precision, device)
-    trainer = train.Trainer(model, optimizer, train.build_criterion(), device,
-                            precision=amp_dtype)
+    trainer = train.Trainer(model, optimizer, train.build_criterion(recipe['label_smoothing']),
+                            device, precision=amp_dtype)
     trainer.progress = False
 
     # A synthetic data set of CIFAR's shape (32 px uint8), fed at image_size as train.py does.
@@ -127,10 +124,10 @@ def measure(name, image_size, batch_size, device, precision, steps, repeats, lau
                                                trainer.amp, inputs, targets)
 
     def rate(fn, count):
-        sync(device)
+        speed.sync(device)
         t0 = time.perf_counter()
         fn()
-        sync(device)
+        speed.sync(device)
         return count / (time.perf_counter() - t0)
 
     if warmup:
@@ -189,11 +186,11 @@ def loader_rate(loader, device):
     """img/s of a loader's second epoch (the first starts its workers and warms up)."""
     for epoch in (1, 2):
         loader.set_epoch(epoch)
-        sync(device)
+        speed.sync(device)
         t0 = time.perf_counter()
         for _ in loader:
             pass
-        sync(device)
+        speed.sync(device)
     return round(len(loader) * loader.batch_size / (time.perf_counter() - t0), 1)
 
 
@@ -207,15 +204,15 @@ def device_name(device):
         return device.type
 
 
-def configs(device, quick):
-    """(model, px, batch, precision, launch) rows for this device. launch: 'eager' (one launch
-    a kernel), 'graph' (the model's CUDA graphs, train.py --no-graph-whole-step), 'whole' (the
-    whole step as one CUDA graph, train.py's default on CUDA) or, on the CPU, 'no-route' (eager
-    without speed.py's one-pixel conv route)."""
+def configs(device_type, quick, auto):
+    """(model, px, batch, precision, launch) rows for a device, where --precision auto gives
+    `auto` (speed.choose_precision). launch: 'eager' (one launch a kernel), 'graph' (the model's
+    CUDA graphs, train.py's in fp16), 'whole' (the whole step as one CUDA graph, train.py's
+    default on CUDA) or, on the CPU, 'no-route' (eager without speed.py's one-pixel route)."""
     if quick:
         return [('resnet18', 16, 8, 'auto', 'eager'), ('resnet18-small', 16, 8, 'auto', 'eager'),
                 ('alexnet', 67, 8, 'auto', 'eager'), ('resnet18-article', 16, 8, 'auto', 'eager')]
-    if device.type == 'cuda':  # both of train.py's graph launches, and eager to compare
+    if device_type == 'cuda':  # both of train.py's graph launches, and eager to compare
         rows = [('resnet18', 32, 512, 'auto', 'graph'), ('resnet18', 32, 512, 'auto', 'whole'),
                 ('resnet18', 32, 512, 'auto', 'eager'), ('resnet18', 32, 512, 'fp32', 'graph'),
                 ('resnet18', 32, 512, 'fp32', 'whole'), ('resnet18', 32, 512, 'fp32', 'eager'),
@@ -226,7 +223,7 @@ def configs(device, quick):
         # A GPU with fp16 and no bf16: train.py graphs the model alone there, so there is no
         # fp16 'whole' row to time.
         return [r for r in rows if r[4] != 'whole' or graphs.can_graph_whole_step(
-            speed.choose_precision(r[3], device))]
+            auto if r[3] == 'auto' else speed.PRECISIONS[r[3]])]
     rows = [('resnet18', 32, 512, 'fp32', 'eager'), ('resnet18', 32, 512, 'fp32', 'no-route'),
             ('resnet18', 32, 512, 'bf16', 'eager'), ('resnet18', 32, 512, 'bf16', 'no-route'),
             ('resnet18-small', 32, 128, 'fp32', 'eager'),
@@ -234,7 +231,7 @@ def configs(device, quick):
             ('alexnet', 67, 128, 'bf16', 'eager'), ('resnet18-article', 32, 128, 'fp32', 'eager'),
             ('resnet18', 32, 128, 'fp32', 'eager')]
     # bf16 rows where train.py would pick bf16 (--precision auto), that is, on a CPU that has it.
-    return [r for r in rows if r[3] != 'bf16' or speed.choose_precision('auto', device)]
+    return [r for r in rows if r[3] != 'bf16' or auto == torch.bfloat16]
 
 
 def main(argv=None):
@@ -263,7 +260,8 @@ def main(argv=None):
     name = device_name(device)
     print(f'device: {name}; torch {torch.__version__}; {torch.get_num_threads()} CPU threads; '
           f'{steps} steps a repeat, median of {repeats}', flush=True)
-    results, failed = run_rows(configs(device, args.quick), device, steps, repeats, args)
+    rows = configs(device.type, args.quick, speed.choose_precision('auto', device))
+    results, failed = run_rows(rows, device, steps, repeats, args)
     # --quick decodes in this process: a smoke test, not a measurement.
     rates = data_path_rates(device, 64, 32, workers=1) if args.quick else \
         data_path_rates(device, 4096)

@@ -1,10 +1,10 @@
-"""--minutes M: a run that ends within M minutes.
+"""How long a run trains: the lr schedule over its planned steps, and --minutes M.
 
-A run times a few training steps (then puts the weights back) and plans the steps that fit in
-what is left of the minutes, keeping back time for each epoch's validation, the test and the
-exit; after each epoch it plans again from the epochs' times. The lr schedule follows the plan
-and reaches 0 at its last step, which may end the last epoch early: under a fixed budget,
-decaying linearly to 0 at its end does best (Li, Yumer and Ramanan, "Budgeted Training", 2020).
+Schedule sets the lr of every step: a warm-up, then a linear decay that reaches 0 at the last
+planned step, where the last epoch stops. Under --minutes a Budget times a few steps, plans the
+steps that fit, and follows the plan as the run goes, every few seconds, so that a wrong first
+guess or a machine that slows down is put right while there is time to use. Decaying linearly
+to 0 at the end does best under a fixed budget (Li, Yumer and Ramanan, "Budgeted Training").
 """
 import itertools
 import math
@@ -12,64 +12,190 @@ import time
 
 import torch
 
+import speed
 from errors import UsageError
 
-MARGIN = 0.04       # of the budget, kept back for what varies (the machine, the saves)
-EXIT_SECONDS = 2.0  # the interpreter's exit after the last line, which torch makes slow
-EVAL_COST = 0.4     # an image evaluated costs about this much of one trained (no backward)
+MARGIN = 0.03       # of the budget, kept back for what varies (the machine, the saves)
+GROW = 0.03         # the plan grows once this share of its steps more fit: it does not jitter
+EVERY = 5.0         # seconds between fittings of the plan (at most 2% of the budget)
+EXIT_SECONDS = 2.0  # writing the last files and the interpreter's exit, which torch makes slow
+
+
+class Schedule:
+    """The lr of each step (the Trainer calls step() after each): rising over the first
+    `warmup` share of `total` steps, but never faster than to the peak in `min_warmup` steps (a
+    short run of a net without BatchNorm then peaks lower), then falling linearly to 0 at
+    `total`; warmup None: the article's constant lr. refit() moves the end and the lr goes on
+    from where it is; under --minutes the `budget` refits it as the run goes."""
+
+    def __init__(self, optimizer, total, warmup, min_warmup=0, budget=None):
+        self.optimizer, self.total, self.taken, self.budget = optimizer, total, 0, budget
+        self.peak_lrs = [g['lr'] for g in optimizer.param_groups]
+        rise = 0 if warmup is None else max(round(total * warmup), min_warmup, 1)
+        self.warmup = min(rise, max(1, total // 2))
+        # The warm-up climbs to `peak`; the decay runs from (anchor, its factor) to (total, 0).
+        self.peak = self.anchor_factor = self.warmup / rise if rise else 1.0
+        self.anchor = self.warmup if rise else None  # None: constant
+
+    def factor(self, step):
+        if self.anchor is None:
+            return 1.0
+        if step < self.warmup:
+            return self.peak * (step + 1) / self.warmup
+        return self.anchor_factor * max(0, self.total - step) / max(1, self.total - self.anchor)
+
+    def step(self):
+        self.taken += 1
+        if self.budget:
+            self.budget.follow(self)
+        self.set_lr()
+
+    def set_lr(self):  # the optimizer's groups, which loading its state_dict replaces
+        for group, lr in zip(self.optimizer.param_groups, self.peak_lrs):
+            group['lr'] = lr * self.factor(self.taken)
+
+    def steps_left(self):
+        return self.total - self.taken
+
+    def epoch(self, loader):
+        """The loader's batches for one epoch: all of them, or those the plan has left."""
+        return loader if self.steps_left() >= len(loader) and not self.budget else \
+            Steps(loader, self)
+
+    def refit(self, total):
+        """End at step `total` instead (not before the steps taken), the lr going from where it
+        is to 0 there. In the warm-up the rise keeps its pace; an end too soon for the peak
+        makes it stop rising sooner."""
+        total = max(total, self.taken)
+        if self.anchor is not None and total != self.total:
+            if self.taken >= self.warmup:
+                self.anchor_factor, self.anchor = self.factor(self.taken), self.taken
+            elif total < 2 * self.warmup:
+                rise = max(self.taken, total // 2, 1)
+                self.peak = self.anchor_factor = self.peak * rise / self.warmup
+                self.warmup = self.anchor = rise
+        self.total = total
+
+    def state_dict(self):
+        return {k: getattr(self, k) for k in ('total', 'taken', 'warmup', 'peak', 'anchor',
+                                              'anchor_factor')}
+
+    def load_state_dict(self, state):
+        self.__dict__.update(state)
+        self.set_lr()
+
+
+def schedule(optimizer, epochs, warmup, min_warmup, per_epoch, state=None, minutes=None,
+             start=None, timing=None, n_valid=0, n_test=0):
+    """The Schedule of a run: over `epochs` epochs of `per_epoch` steps, or under --minutes the
+    steps that fit from `start` on (a Budget; timing() gives the seconds of a step and of an
+    image evaluated: seconds_per_step). Resumed from a checkpoint's `state`, its plan goes on,
+    to the end `epochs` or `minutes` give now, if any."""
+    budget, steps = None, (epochs or 0) * per_epoch
+    if minutes:  # timed before a checkpoint's states are put back: timing clears them
+        budget = Budget(minutes, start, per_epoch, n_valid, n_test)
+        steps = budget.first_plan(*timing(), state['taken'] if state else 0)
+    plan = Schedule(optimizer, steps, warmup, min_warmup, budget)
+    if state:
+        plan.load_state_dict(state)
+        plan.refit(steps or plan.total)
+    return plan
+
+
+class Steps:
+    """One epoch of a loader's batches that ends where the schedule's plan ends."""
+
+    def __init__(self, loader, schedule):
+        self.loader, self.schedule = loader, schedule
+
+    def __len__(self):
+        return min(len(self.loader), self.schedule.steps_left())
+
+    def __iter__(self):
+        for batch in self.loader:
+            if self.schedule.steps_left() <= 0:
+                return
+            yield batch
 
 
 class Budget:
-    """The time a run has: `minutes` from `start` (a time.monotonic() reading). It plans in
-    training steps, an epoch being `per_epoch` of them and a validation."""
+    """--minutes M: the time from `start` (a time.monotonic() reading) to the deadline, and the
+    steps that fit in it, an epoch being `per_epoch` steps and then a validation of `n_valid`
+    images; the test of `n_test` images and the exit come last."""
 
-    def __init__(self, minutes, start, per_epoch):
-        self.seconds, self.start, self.per_epoch = 60 * minutes, start, per_epoch
-        self.deadline = start + self.seconds
+    def __init__(self, minutes, start, per_epoch, n_valid, n_test):
+        self.seconds, self.deadline = 60 * minutes, start + 60 * minutes
+        self.per_epoch, self.n_valid, self.n_test = per_epoch, n_valid, n_test
+        self.every = min(EVERY, 0.02 * self.seconds)
+        self.gaps = []  # the seconds between two epochs' steps: a validation, the saves
 
-    def first_plan(self, step_seconds, batch_size, n_valid, n_test, data_seconds):
-        """The steps that fit, before the first, from the time of one: each epoch's steps and
-        a validation of n_valid images, then the test; fewer than an epoch's, if that is all
-        that fits. One sentence, naming the time the data took, when not one step does."""
-        per_image = EVAL_COST * step_seconds / batch_size
-        self.test_seconds = n_test * per_image + EXIT_SECONDS
-        self.began = time.monotonic()
-        valid = n_valid * per_image
-        steps = self.steps(step_seconds + valid / self.per_epoch)
+    def first_plan(self, step_seconds, per_image, taken=0):
+        """The steps in all (`taken` and more) that fit, from the time of one and of an image
+        evaluated: each epoch's and its validation, then the test; fewer than an epoch's, if
+        that is all that fits. One sentence when not one does."""
+        self.step_seconds, self.per_image, self.last = step_seconds, per_image, None
+        steps = self.fit(taken, MARGIN)
         if steps == 0:
-            least = step_seconds + valid + self.test_seconds
-            need = (self.began - self.start + least) / (1 - MARGIN)
+            started = time.monotonic() - self.deadline + self.seconds
+            least = step_seconds + self.valid_seconds() + self.test_seconds()
             raise UsageError(f'--minutes {self.seconds / 60:g} is too short to train: starting '
-                             f'took {self.began - self.start:.0f} s (reading the data '
-                             f'{data_seconds:.0f} s), and a step, a validation and the test '
+                             f'took {started:.0f} s, and a step, a validation and the test '
                              f'would take about {least:.0f} s more; give --minutes '
-                             f'{math.ceil(need / 6) / 10:g} or more')
-        return steps
+                             f'{math.ceil((started + least) / (1 - MARGIN) / 6) / 10:g} or more')
+        return taken + steps
 
-    def replan(self, done, planned):
-        """The steps to train after `done` of them, `planned` so far, each as long as their
-        mean so far (validation included): as many still, while they fit before the deadline;
-        as many as fit, once they do not; more only once an epoch more fits with the margin
-        kept, so that noise in the epochs' times does not move the plan, and the lr with it,
-        to and fro."""
-        step = (time.monotonic() - self.began) / done
-        fit = self.steps(step, done, margin=0)
-        if fit < planned:
-            return fit
-        more = self.steps(step, done)
-        return more if more >= planned + self.per_epoch else planned
+    def valid_seconds(self):
+        return sum(self.gaps) / len(self.gaps) if self.gaps else self.n_valid * self.per_image
 
-    def steps(self, step_seconds, done=0, margin=MARGIN):
-        """`done`, and as many more steps of step_seconds as fit before the test and the exit,
-        with `margin` of the budget kept back."""
-        left = self.deadline - time.monotonic() - self.test_seconds - margin * self.seconds
-        return done + max(0, int(left // step_seconds))
+    def test_seconds(self):
+        per_image = self.valid_seconds() / self.n_valid if self.gaps and self.n_valid else \
+            self.per_image
+        return self.n_test * per_image + EXIT_SECONDS
+
+    def fit(self, taken, margin):
+        """How many steps after `taken` fit before the deadline with `margin` of the budget
+        kept back: each step, the validation at each epoch's end, then the test."""
+        left = self.deadline - time.monotonic() - self.test_seconds() - margin * self.seconds
+
+        def cost(k):  # k more steps, and the validations of the epochs they end
+            ends = math.ceil((taken + k) / self.per_epoch) - taken // self.per_epoch if k else 0
+            return k * self.step_seconds + ends * self.valid_seconds()
+
+        fits, too_many = 0, max(0, int(left / self.step_seconds)) + 1
+        while too_many - fits > 1:
+            mid = (fits + too_many) // 2
+            fits, too_many = (mid, too_many) if cost(mid) <= left else (fits, mid)
+        return fits
+
+    def follow(self, schedule):
+        """After each step: note its time (a step that begins an epoch also waited for the last
+        one's validation), and every few seconds fit the plan to the time left, each step as
+        long as those since the last few fittings. The plan shrinks once it no longer fits, to
+        what fits with the margin kept, and grows only once GROW more of it fits: the lr does
+        not go to and fro."""
+        now, taken = time.monotonic(), schedule.taken
+        if self.last is None:  # the first step: timed from its end
+            self.last, self.marks = now, [(now, taken, 0.0)]
+            return
+        if (taken - 1) % self.per_epoch == 0:  # it began an epoch, after a validation
+            self.gaps.append(max(0.0, now - self.last - self.step_seconds))
+        self.last = now
+        if now - self.marks[-1][0] < self.every:
+            return
+        then, before, gaps = self.marks[max(0, len(self.marks) - 4)]
+        self.step_seconds = (now - then - sum(self.gaps) + gaps) / (taken - before)
+        self.marks.append((now, taken, sum(self.gaps)))
+        planned, fits = schedule.steps_left(), self.fit(taken, MARGIN)
+        if self.fit(taken, 0) < planned or fits - planned >= GROW * schedule.total:
+            schedule.refit(taken + fits)
 
 
-def seconds_per_step(step, model, optimizer, scaler, batches, steps=4, warmup=2):
-    """How long step(inputs, targets) takes: the mean of `steps` calls after `warmup` more.
-    Everything the calls change is put back: the weights and buffers, the optimizer's momentum
-    (none yet), the loss scaler and the random generators."""
+def seconds_per_step(step, model, optimizer, scaler, batches, evaluate, eval_batch, steps=4,
+                     warmup=2):
+    """How long step(inputs, targets) takes, the mean of `steps` calls after `warmup` more, and
+    how long evaluate([eval_batch]) takes an image, the second of two calls. Everything the
+    calls change is put back: the weights and buffers, the optimizer's momentum (none yet),
+    the loss scaler and the random generators."""
     saved = [t.detach().clone() for t in (*model.parameters(), *model.buffers())]
     scale = scaler.state_dict()
     device = saved[0].device
@@ -77,22 +203,19 @@ def seconds_per_step(step, model, optimizer, scaler, batches, steps=4, warmup=2)
         for i, (inputs, targets) in enumerate(itertools.islice(itertools.cycle(batches),
                                                                warmup + steps)):
             if i == warmup:
-                sync(device)
+                speed.sync(device)
                 t0 = time.perf_counter()
             step(inputs, targets.long())
-        sync(device)
-        seconds = (time.perf_counter() - t0) / steps
+        speed.sync(device)
+        t1 = time.perf_counter()
+        for _ in range(2):
+            t2 = time.perf_counter()
+            evaluate([eval_batch])  # it syncs: it returns numbers
+    seconds = (time.perf_counter() - t2) / len(eval_batch[1])
     with torch.no_grad():
         for t, s in zip((*model.parameters(), *model.buffers()), saved):
             t.copy_(s)
     optimizer.state.clear()
     optimizer.zero_grad(set_to_none=True)
     scaler.load_state_dict(scale)
-    return seconds
-
-
-def sync(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-    elif device.type == 'mps':
-        torch.mps.synchronize()
+    return (t1 - t0) / steps, seconds

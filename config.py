@@ -9,6 +9,7 @@ DATA_ROOT = './data'          # where CIFAR-10 is downloaded (or cifar-10-python
 DATA_DIR = None               # an ImageFolder tree (DIR/train, DIR/test) instead of CIFAR-10
 STREAM = False                # decode the folder every epoch, not once: for one too large to hold
 IMAGE_SIZE = 32               # px fed to the model; the article resized to 224 (49x the compute)
+ALEXNET_IMAGE_SIZE = 67       # px fed to AlexNet: the smallest it takes (AlexNet.MIN_INPUT_SIZE)
 CROP_PADDING = 4              # random crop: reflect-pad by this many px, crop back to size
 NUM_WORKERS = 0               # processes that decode an image folder; 0: one per CPU core
 VALID_SPLIT = 0.1             # fraction of the training images held out to choose the best epoch
@@ -44,6 +45,7 @@ TRAIN_DEFAULTS = {
     'resnet110': (128, 0.1),
 }
 WARMUP = 0.2                  # fraction of the steps spent rising linearly to the peak lr
+MIN_WARMUP_STEPS = {'alexnet': 100}  # the fewest steps to the peak lr (budget.Schedule)
 MOMENTUM = 0.9                # SGD momentum (Nesterov)
 WEIGHT_DECAY = 5e-4           # L2 penalty on every parameter
 LABEL_SMOOTHING = 0.1         # soften the one-hot targets of the loss
@@ -64,6 +66,7 @@ DEVICE = 'auto'               # auto picks cuda, then mps, then cpu
 PRECISION = 'auto'            # auto | bf16 | fp16 | fp32; auto: bf16 where the chip has it
 CUDA_GRAPHS = True            # on CUDA, replay each ResNet training step as CUDA graphs
 GRAPH_WHOLE_STEP = True       # on CUDA, graph the whole step (with loss and SGD), not the model
+                              # (not in fp16, whose loss scaling a graph does not record)
 SEED = 0                      # seeds the weights, the shuffling and the augmentation
 OUT_PATH = 'weight.pth'       # best weights; .json, .csv, .png and .ckpt go beside it
 SAVE_EVERY = 30.0             # seconds between writes of weights and checkpoint (and at the end)

@@ -5,12 +5,13 @@ Stands in for the article's DataLoader over torchvision's CIFAR10 with PIL trans
 and held as one (N, 3, H, W) uint8 tensor; TensorLoader crops, flips, normalises and resizes
 whole batches of it on the device. (A folder too large for memory: stream.py, --stream.)
 """
+import collections
 import contextlib
 import math
 import os
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -27,34 +28,54 @@ IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tif
 MEMORY_HEADROOM = 2**30  # bytes of RAM (and GPU memory) kept for the model beside the images
 
 
-class Split(NamedTuple):
-    images: object  # (N, 3, H, W) uint8 tensor (or stream.ImageFiles)
-    labels: torch.Tensor
+class Split(collections.namedtuple('Split', 'images labels')):
+    """images: (N, 3, H, W) uint8 (or stream.ImageFiles); labels: (N,) int64."""
+
+    def take(self, idx):
+        return Split(self.images[idx], self.labels[idx])
 
 
-class Data(NamedTuple):
-    """A data set: its train split (None unless asked for), its test split, the class names, and
-    the share of each class drawn as test images from a folder without a test/ folder (None:
-    it had one); then, as train.py prepares it, the validation images held out of the train
-    split, and the mean and std (per colour channel, 0-1 scale) that normalise the images."""
-    train: Optional[Split]
-    test: Split
-    classes: list
-    test_split: Optional[float] = None
-    valid: Optional[Split] = None
-    mean: Optional[list] = None
-    std: Optional[list] = None
+class Data(collections.namedtuple('Data', 'train test classes test_split download_seconds '
+                                           'valid mean std', defaults=(None, 0.0, None, None,
+                                                                       None))):
+    """A data set: its train split (None unless asked for), its test split, the class names, the
+    share of each class drawn as test images from a folder without a test/ folder (None: it had
+    one), and the seconds a first download of CIFAR-10 took; then, as train.py prepares it, the
+    validation images held out of the train split, and the mean and std (per colour channel,
+    0-1 scale) that normalise the images."""
+
+    def normalised(self, how):
+        """This data with the mean and std that normalise it: its training images' ('train'),
+        those ImageNet's weights were trained with ('imagenet'), or none (None: raw [0, 1])."""
+        if how == 'imagenet':
+            return self._replace(mean=config.IMAGENET_MEAN, std=config.IMAGENET_STD)
+        mean, std = channel_stats(self.train.images) if how else ([0.0] * 3, [1.0] * 3)
+        return self._replace(mean=mean, std=std)
+
+    def held_out(self, fraction, seed):
+        """This data with `fraction` of each class's training images held out (split_valid) as
+        the validation images, which choose the best epoch. Article: it validated on the test
+        set and kept the epoch best there, so its figure was chosen on the images it was
+        measured on. The test images are measured once, at the end."""
+        train, valid = split_valid(self.train.labels, fraction, seed)
+        return self._replace(train=self.train.take(train), valid=self.train.take(valid))
+
+    def summary(self, image_size, seconds):
+        """What the run trains on, in a line."""
+        return (f'{len(self.train.labels):,} train, {len(self.valid.labels):,} valid and '
+                f'{len(self.test.labels):,} test images, {len(self.classes)} classes, held at '
+                f'{self.train.images.shape[-1]} px, fed at {image_size} px; mean '
+                f'{[round(m, 4) for m in self.mean]}, std {[round(s, 4) for s in self.std]} '
+                f'({seconds:.1f} s)')
 
 
-class Loaders(NamedTuple):
-    train: object
-    valid: Optional[object]  # None with --valid-split 0
-    test: object
+Loaders = collections.namedtuple('Loaders', 'train valid test')  # valid: None without any
 
 
 def load_cifar10(root):
     """CIFAR-10 through torchvision, downloaded into root on first use."""
     import torchvision  # here, not at the top: only this data set needs it (see IMG_EXTENSIONS)
+    t0, there = time.monotonic(), Path(root, 'cifar-10-batches-py').is_dir()
     try:
         train = torchvision.datasets.CIFAR10(root, train=True, download=True)
         test = torchvision.datasets.CIFAR10(root, train=False, download=True)
@@ -68,7 +89,8 @@ def load_cifar10(root):
         return Split(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),
                      torch.tensor(ds.targets))
 
-    return Data(split(train), split(test), train.classes)
+    return Data(split(train), split(test), train.classes,
+                download_seconds=0.0 if there else time.monotonic() - t0)
 
 
 def find_images(folder):
@@ -82,12 +104,9 @@ def find_images(folder):
     return found
 
 
-class Files(NamedTuple):
-    """An image folder's files, listed and checked (list_image_folder)."""
-    train: list  # of (path, label), empty unless asked for
-    test: list
-    classes: list
-    test_split: Optional[float]  # as in Data
+# An image folder's files, listed and checked (list_image_folder): train and test, lists of
+# (path, label) (train empty unless asked for), the classes, and the test_split of Data.
+Files = collections.namedtuple('Files', 'train test classes test_split')
 
 
 def list_image_folder(root, need_train=True, test_split=config.TEST_SPLIT):
@@ -188,17 +207,17 @@ def decode_images(files, size, workers, chunk=500):
     return out
 
 
-def load_dataset(data_dir, data_root, image_size, workers=0, need_train=True, device=None,
+def load_dataset(data_dir, image_size, workers=0, need_train=True, device=None,
                  test_split=config.TEST_SPLIT):
-    """The image folder data_dir or, without one, CIFAR-10 in data_root, as Data: each split
-    decoded now into one uint8 tensor. A folder that would not fit in memory (on `device`) is
-    one sentence: --stream reads it batch by batch instead."""
+    """The image folder data_dir or, without one, CIFAR-10 in config.DATA_ROOT, as Data: each
+    split decoded now into one uint8 tensor. A folder that would not fit in memory (on
+    `device`) is one sentence: --stream reads it batch by batch instead."""
     if not data_dir:
-        return load_cifar10(data_root)
+        return load_cifar10(config.DATA_ROOT)
     files = list_image_folder(data_dir, need_train, test_split)
     paths = [f for f, _ in files.train + files.test]
     size = held_size(paths[0], image_size)
-    too_large = memory_shortfall(len(paths), size, device)
+    too_large = memory_shortfall(len(paths), size, free_memory(device))
     if too_large:
         raise UsageError(f'the images of {data_dir}, {too_large}; pass --stream to decode them '
                          f'batch by batch in every epoch instead, or a smaller --image-size')
@@ -224,20 +243,25 @@ def held_size(probe, image_size):
     return w if w == h and w <= image_size else image_size
 
 
-def memory_shortfall(n_images, size, device=None, headroom=MEMORY_HEADROOM):
-    """None when the images, held as one uint8 tensor, fit: in the RAM they are decoded into
-    and, on CUDA, in the GPU memory they are copied to, with `headroom` bytes left over for
-    the model and its activations; otherwise a sentence saying what they need."""
+def memory_shortfall(n_images, size, free, headroom=MEMORY_HEADROOM):
+    """None when the images, held as one uint8 tensor, fit in each place of `free` (free_memory)
+    with `headroom` bytes left over for the model and its activations; otherwise a sentence
+    saying what they need."""
     needed = n_images * 3 * size * size
-    free = [('RAM', available_ram())]
-    if device is not None and device.type == 'cuda':
-        free.append(('GPU memory', torch.cuda.mem_get_info(device)[0]))
     for where, available in free:
         if available is not None and needed + headroom > available:
             return (f'held at {size} px they need {needed / 2**30:.1f} GiB of {where}, and '
                     f'{available / 2**30:.1f} GiB is free (of which {headroom / 2**30:.0f} GiB '
                     f'stays for the model)')
     return None
+
+
+def free_memory(device=None):
+    """[(place, bytes free or None where unknown)]: the RAM the images are decoded into and, on
+    CUDA, the GPU memory they are copied to."""
+    gpu = [('GPU memory', torch.cuda.mem_get_info(device)[0])] if device is not None and \
+        device.type == 'cuda' else []
+    return [('RAM', available_ram())] + gpu
 
 
 def available_ram():
@@ -317,7 +341,6 @@ class TensorLoader:
         self.augment = augment
         self.seed = seed
         self.epoch = 0
-        self.limit = None  # the batches of the epoch, where fewer than all (train.fit)
         h, w = images.shape[-2:]
         self.padding = min(padding, h - 1, w - 1)
         self.memory_format = memory_format
@@ -336,7 +359,7 @@ class TensorLoader:
     def __len__(self):
         n, b = len(self.images), self.batch_size
         if self.train:  # full batches only (the article's drop_last=True), at least one
-            return min(max(1, n // b), self.limit or n)
+            return max(1, n // b)
         return math.ceil(n / b)
 
     def __iter__(self):

@@ -16,10 +16,12 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 
+import budget
 import config
 import layers
 import options
@@ -27,7 +29,7 @@ import saving
 import speed
 import train
 from data import Data, Loaders, Split, channel_stats, decode_images, held_size, \
-    list_image_folder, load_cifar10, make_loader, memory_shortfall
+    list_image_folder, load_cifar10, make_loader, memory_shortfall, free_memory
 from errors import UsageError
 from resnet import CifarResNet, count_parameters
 
@@ -114,7 +116,7 @@ def load_subsets(args, device):
     train_i, test_i = pick(len(files.train), args.train_images), pick(len(files.test),
                                                                       args.test_images)
     size = held_size(files.train[0][0], IMAGE_SIZE)
-    shortfall = memory_shortfall(len(train_i) + len(test_i), size, device)
+    shortfall = memory_shortfall(len(train_i) + len(test_i), size, free_memory(device))
     if shortfall:
         raise UsageError(f'the images picked, {shortfall}; pass a smaller --train-images')
     workers = args.workers or os.cpu_count() or 1
@@ -141,29 +143,37 @@ def gradient_norms(model, inputs, targets, criterion):
     return norms
 
 
-def train_net(depth, plain, loaders, classes, args, device, amp_dtype, fixes):
-    """Train one network with train.py's Trainer, recipe and epoch loop (train.fit, the test
-    images in the validation's place); return its record: the train and test error of each
-    epoch, and the gradient norms before and after training."""
+def train_net(depth, plain, loaders, classes, args, device, amp_dtype, recipe):
+    """Train one network with train.py's Trainer and recipe (its values: options.recipe_values),
+    testing it after each epoch; return its record: the train and test error of each epoch,
+    and the gradient norms before and after training."""
     torch.manual_seed(args.seed)  # the same initial weights for a net and its plain twin
     model = speed.prepare_model(CifarResNet(blocks_of(depth), len(classes), plain), device)
-    optimizer = train.build_optimizer(model, args.lr, device, fixes)
-    trainer = train.Trainer(model, optimizer, train.build_criterion(fixes), device,
-                            precision=amp_dtype)
-    trainer.scheduler = train.build_schedule(optimizer, args.epochs * len(loaders.train), fixes)
+    optimizer = train.build_optimizer(model.parameters(), args.lr, recipe['momentum'],
+                                      recipe['weight_decay'], recipe['nesterov'], device)
+    trainer = train.Trainer(model, optimizer, train.build_criterion(recipe['label_smoothing']),
+                            device, precision=amp_dtype)
+    trainer.scheduler = budget.Schedule(optimizer, args.epochs * len(loaders.train),
+                                        recipe['warmup'])
     loaders.train.set_epoch(0)  # epoch 0's first batch: the one the gradients are measured on
     probe = next(iter(loaders.train))
     record = {'net': f'{"plain" if plain else "ResNet"}-{depth}', 'depth': depth,
               'plain': plain, 'parameters': count_parameters(model),
               'gradients_at_init': gradient_norms(model, *probe, trainer.criterion)}
-    trainer.train_step, _, _ = speed.prepare_step(trainer.train_step, model, optimizer,
-                                                  trainer.amp, loaders.train, 'resnet',
-                                                  config.CUDA_GRAPHS, whole_step=True)
+    trainer.train_step, _ = speed.prepare_step(trainer.train_step, model, optimizer,
+                                               trainer.amp, loaders.train, 'resnet')
     print(f'{record["net"]}:', flush=True)
-    rows = list(train.fit(trainer, loaders, 1, args))
-    record.update(train_error=[round(100 - r['train_acc'], 2) for r in rows],
-                  test_error=[round(100 - r['valid_acc'], 2) for r in rows],
-                  seconds=round(sum(r['train_seconds'] + r['valid_seconds'] for r in rows), 1))
+    rows, t0 = [], time.perf_counter()
+    for epoch in range(1, args.epochs + 1):  # the paper's Figure 6: train and test error
+        loaders.train.set_epoch(epoch)
+        train_loss, train_acc = trainer.epoch_train(loaders.train)
+        test_loss, test_acc = trainer.epoch_valid(loaders.test)
+        rows.append((train_acc, test_acc))
+        print(f'epoch {epoch}/{args.epochs}  train loss {train_loss:.3f} acc {train_acc:5.2f}%  '
+              f'test loss {test_loss:.3f} acc {test_acc:5.2f}%', flush=True)
+    record.update(train_error=[round(100 - train, 2) for train, _ in rows],
+                  test_error=[round(100 - test, 2) for _, test in rows],
+                  seconds=round(time.perf_counter() - t0, 1))
     vars(trainer).pop('train_step', None)  # the eager step again, if a CUDA graph replaced it
     record['gradients_after'] = gradient_norms(model, *probe, trainer.criterion)
     return record
@@ -230,25 +240,25 @@ def main(argv=None):
         device = options.pick_device(args.device)
         amp_dtype = speed.choose_precision(args.precision, device)
         images = load_subsets(args, device)
-        fixes = options.fixes_of(args.recipe)  # the recipe, parsed once
+        recipe = options.recipe_values(args.recipe)
         train_x, train_y = images.train
-        mean, std = channel_stats(train_x) if 'norm' in fixes else ([0.0] * 3, [1.0] * 3)
+        mean, std = channel_stats(train_x) if recipe['normalise'] else ([0.0] * 3, [1.0] * 3)
         common = dict(mean=mean, std=std, image_size=IMAGE_SIZE, device=device,
                       memory_format=speed.memory_format(device))
         loaders = Loaders(make_loader(train_x, train_y, batch_size=args.batch_size, train=True,
-                                      seed=args.seed, augment='augment' in fixes, **common),
+                                      seed=args.seed, augment=recipe['augment'], **common), None,
                           make_loader(*images.test, batch_size=2 * args.batch_size,
-                                      train=False, **common), None)
+                                      train=False, **common))
         print(f'{len(train_y):,} train and {len(images.test.labels):,} test images, '
               f'{len(images.classes)} classes; {device.type}, {speed.precision_name(amp_dtype)}, '
               f'{args.epochs} epochs of {len(loaders.train)} batches of {args.batch_size}, peak '
               f'lr {args.lr}', flush=True)
         records = [train_net(depth, plain, loaders, images.classes, args, device, amp_dtype,
-                             fixes) for plain in (True, False) for depth in sorted(args.depths)]
+                             recipe) for plain in (True, False) for depth in sorted(args.depths)]
     except UsageError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
-    except FloatingPointError as e:  # train.fit's
+    except FloatingPointError as e:  # Trainer.epoch_train's
         print(f'error: the loss became {e}; try a lower --lr than {args.lr}', file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -8,8 +8,6 @@ import warnings
 
 import torch
 
-import config
-
 
 def graph_model(model, sample, amp_dtype):
     """CUDA only (--no-graph-whole-step, or fp16): record the model's training forward and
@@ -125,11 +123,10 @@ class GraphedStep:
         return graph.replay
 
 
-def record_graphs(step, model, optimizer, scaler, loader, whole_step=None):
+def record_graphs(step, model, optimizer, scaler, loader, whole_step=True):
     """CUDA only: record the training step on the first train batch, as one graph of the whole
-    step (GraphedStep; whole_step None: config.GRAPH_WHOLE_STEP) or as the model's graphs
-    (graph_model, in place); return (the new step or None, how the step now runs)."""
-    whole_step = config.GRAPH_WHOLE_STEP if whole_step is None else whole_step
+    step (GraphedStep) or as the model's graphs (graph_model, in place); return (the new step
+    or None, how the step now runs)."""
     inputs, targets = next(iter(loader))
     if whole_step and can_graph_whole_step(scaler.dtype):
         return (GraphedStep(step, model, optimizer, scaler, inputs, targets),

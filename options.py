@@ -1,15 +1,16 @@
-"""The command line of train.py: every option, with its default from config.py, and the checks
-that turn a bad combination into one sentence.
+"""The command line of train.py: every option, with its default from config.py, the checks
+that turn a bad combination into one sentence, and the run's settings, resolved once from them.
 """
 import argparse
+import collections
 import math
+import sys
 
 import torch
 
 import config
 import resnet
 import speed
-from alexnet import AlexNet
 from errors import UsageError
 
 MODELS = ('alexnet', *resnet.IMAGENET_RESNETS, *resnet.CIFAR_RESNETS)  # what --model offers
@@ -90,48 +91,16 @@ def pick_device(name):
     return torch.device(name)
 
 
-def train_defaults(args, n_train):
-    """--batch-size, --lr and --epochs, or where left out, the model's row of
-    config.TRAIN_DEFAULTS and config.NUM_EPOCHS (the article's lr for a recipe without the lr
-    fix; with --minutes, the epochs are planned later). A folder with fewer training images
-    than a dozen of the row's batches is small: its batch is the largest power of 2 that gives
-    a dozen steps an epoch (at least 16), its lr is scaled with the batch (not for --freeze:
-    the fc alone takes the row's), it trains config.SMALL_FOLDER_EPOCHS epochs, and a line
-    says so."""
-    row_batch, row_lr = config.TRAIN_DEFAULTS[args.model + ' --small-input' * args.small_input]
-    if 'lr' not in fixes_of(args.recipe):
-        row_lr = config.ARTICLE_LR
-    batch_size, lr = args.batch_size or row_batch, args.lr or row_lr
-    if n_train >= 12 * row_batch:
-        return batch_size, lr, args.epochs or config.NUM_EPOCHS
-    if args.batch_size is None:
-        batch_size = max(16, 2 ** int(math.log2(max(1, n_train // 12))))
-        if args.lr is None and not args.freeze:
-            lr = row_lr * batch_size / row_batch
-    epochs = args.epochs or config.SMALL_FOLDER_EPOCHS
-    print(f'{n_train} training images, a small folder: '
-          f'{f"{epochs} epochs" if not args.minutes else "the epochs that fit"} of '
-          f'{max(1, n_train // batch_size)} batches of {batch_size}, at lr {lr:g}')
-    return batch_size, lr, epochs
-
-
-def eval_batch_size(batch_size=None):
-    """Evaluation keeps no activations for a backward, so it takes larger batches; at most
-    twice --batch-size, so that a smaller --batch-size also helps when memory runs out."""
-    return min(config.EVAL_BATCH_SIZE, 2 * batch_size) if batch_size else config.EVAL_BATCH_SIZE
-
-
 def build_parser():
     p = argparse.ArgumentParser(
+        allow_abbrev=False,  # --resume checks the options named, as written
         description='Train ResNet18 (or another model) on CIFAR-10 or an image folder.',
         epilog='The fixes a --recipe can add to the article\'s: ' + '; '.join(
             f'{name}: {what}' for name, what in FIXES.items()) + '.')
     p.add_argument('--data', default=config.DATA_DIR, metavar='DIR',
                    help='ImageFolder tree DIR/train/<class>/*, DIR/test/<class>/* '
-                        '(default: CIFAR-10, downloaded into --data-root); a folder of class '
-                        'folders alone gives some of each class\'s images as test images')
-    p.add_argument('--data-root', default=config.DATA_ROOT, metavar='DIR',
-                   help='where CIFAR-10 is downloaded or placed (default: %(default)s)')
+                        f'(default: CIFAR-10, downloaded into {config.DATA_ROOT}); a folder of '
+                        f'class folders alone gives some of each class\'s images as test images')
     p.add_argument('--stream', action='store_true', default=config.STREAM,
                    help='decode the image folder in worker processes in every epoch instead '
                         'of holding it in memory: for a folder too large for it')
@@ -164,7 +133,7 @@ def build_parser():
     p.add_argument('--image-size', type=positive(int), default=None, metavar='PX',
                    help=f'side of the square images fed to the model (default: '
                         f'{config.IMAGE_SIZE}; {config.PRETRAINED_IMAGE_SIZE} with --pretrained, '
-                        f'{AlexNet.MIN_INPUT_SIZE} for alexnet)')
+                        f'{config.ALEXNET_IMAGE_SIZE} for alexnet)')
     p.add_argument('--pretrained', nargs='?', const='imagenet', metavar='PATH',
                    help='start from torchvision\'s ImageNet weights (resnet18, resnet34, '
                         'resnet50; downloaded once and cached under TORCH_HOME), or from such '
@@ -197,105 +166,164 @@ def build_parser():
                         '(default: %(default)s)')
     p.add_argument('--resume', action='store_true',
                    help='go on with the stopped run whose checkpoint is beside --out, with its '
-                        'own arguments')
+                        'own settings, to the end of its plan; with --epochs N, to N epochs in '
+                        'all; with --minutes M, fitting what is left into M minutes')
     p.add_argument('--workers', type=positive(int, allow_zero=True),
                    default=config.NUM_WORKERS,
                    help='processes decoding an image folder; 0: one per CPU core '
                         '(default: %(default)s)')
-    p.add_argument('--no-cuda-graphs', dest='cuda_graphs', action='store_false',
-                   default=config.CUDA_GRAPHS,
-                   help='on CUDA, launch the ResNet\'s kernels one by one instead of replaying '
-                        'them as a CUDA graph (slower at small image sizes)')
-    p.add_argument('--graph-whole-step', action=argparse.BooleanOptionalAction, default=None,
-                   help='on CUDA, record the whole training step (forward, loss, backward, '
-                        'SGD update) as one CUDA graph; --no-graph-whole-step records the '
-                        'model\'s forward and backward alone (default: '
-                        f'{"whole step" if config.GRAPH_WHOLE_STEP else "model alone"})')
     p.add_argument('--save-every', type=positive(float, allow_zero=True),
                    default=config.SAVE_EVERY, metavar='SECONDS',
                    help='seconds between writes of weights and checkpoint (default: %(default)s)')
     return p
 
 
+def parse(argv=None):
+    """The command line, and the device it names."""
+    args = parse_args(argv)
+    return args, pick_device(args.device)
+
+
 def parse_args(argv=None):
-    return build_parser().parse_args(argv)
+    """The command line, checked (one sentence for what cannot be), with the image size that
+    is fed where --image-size is left out: what torchvision's weights learned at, for
+    --pretrained; the smallest AlexNet takes; else config.IMAGE_SIZE."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    check_args(args, argv)
+    if args.image_size is None:
+        args.image_size = config.PRETRAINED_IMAGE_SIZE if args.pretrained else \
+            config.ALEXNET_IMAGE_SIZE if args.model == 'alexnet' else config.IMAGE_SIZE
+    return args
 
 
-def default_image_size(args):
-    """The size fed to the model when --image-size is left out: what torchvision's weights
-    learned at, for --pretrained; the smallest AlexNet takes; else config.IMAGE_SIZE."""
-    if args.pretrained:
-        return config.PRETRAINED_IMAGE_SIZE
-    return AlexNet.MIN_INPUT_SIZE if args.model == 'alexnet' else config.IMAGE_SIZE
+# What --resume takes beside the run's own settings: how long, and where and how it runs.
+RESUME_TAKES = ('--resume', '--out', '--minutes', '--epochs', '--device', '--workers')
 
 
-def check_args(args):
+def check_args(args, argv=()):
     """One sentence for a combination of arguments that cannot be."""
-    if args.pretrained and args.init:
-        raise UsageError('--pretrained starts from ImageNet\'s weights and --init from a file '
-                         'of yours; pick one')
-    if args.freeze and not (args.pretrained or args.init):
-        raise UsageError('--freeze keeps the weights a run starts from, and random weights are '
-                         'not worth keeping; pass --pretrained or --init too')
-    if args.pretrained and args.model not in resnet.IMAGENET_RESNETS:
-        raise UsageError(f'torchvision has ImageNet weights for '
-                         f'{", ".join(resnet.IMAGENET_RESNETS)}, not for {args.model}')
-    if args.pretrained and (args.small_input or args.plain):
-        raise UsageError(f'{"--small-input" if args.small_input else "--plain"} changes the '
-                         f'network that the ImageNet weights were trained as; leave it out')
-    if args.model == 'alexnet':
-        if args.small_input or args.plain:
-            flag = '--small-input changes the ResNet stem' if args.small_input else \
-                '--plain removes the ResNet\'s shortcuts'
-            raise UsageError(f'{flag}; AlexNet has none to change')
-        if args.image_size and args.image_size < AlexNet.MIN_INPUT_SIZE:
-            raise UsageError(f'--image-size {args.image_size} is too small for AlexNet, which '
-                             f'needs at least {AlexNet.MIN_INPUT_SIZE} px; leave it out, or pass '
-                             f'{AlexNet.MIN_INPUT_SIZE} or more')
-    if args.model in resnet.CIFAR_RESNETS and args.small_input:
-        raise UsageError(f'--small-input swaps the ImageNet stem for a 3x3 conv, and '
-                         f'{args.model}, a CIFAR-10 network, has that stem already; leave it out')
-    if args.minutes and args.epochs:
-        raise UsageError('--minutes plans the epochs that fit in the time, and --epochs names '
-                         'them; pick one')
-    if args.stream and not args.data:
-        raise UsageError('--stream reads an image folder (--data DIR) batch by batch; CIFAR-10 '
-                         'is small enough to hold in memory: leave it out')
-    if args.graph_whole_step and not args.cuda_graphs:
-        raise UsageError('--graph-whole-step records a CUDA graph and --no-cuda-graphs turns '
-                         'them off; pick one')
+    other = sorted({a.split('=')[0] for a in argv if a.startswith('--')} - set(RESUME_TAKES))
+    small = args.image_size and args.image_size < config.ALEXNET_IMAGE_SIZE
+    for wrong, sentence in (
+            (args.resume and other,
+             f'{" ".join(other[:1])} cannot change the run being resumed, which goes on with '
+             f'its own settings; leave it out (--resume takes {", ".join(RESUME_TAKES[1:])})'),
+            (args.pretrained and args.init, '--pretrained starts from ImageNet\'s weights and '
+                                            '--init from a file of yours; pick one'),
+            (args.freeze and not (args.pretrained or args.init),
+             '--freeze keeps the weights a run starts from, and random weights are not worth '
+             'keeping; pass --pretrained or --init too'),
+            (args.pretrained and args.model not in resnet.IMAGENET_RESNETS,
+             f'torchvision has ImageNet weights for {", ".join(resnet.IMAGENET_RESNETS)}, not '
+             f'for {args.model}'),
+            (args.pretrained and (args.small_input or args.plain),
+             f'{"--small-input" if args.small_input else "--plain"} changes the network that '
+             f'the ImageNet weights were trained as; leave it out'),
+            (args.model == 'alexnet' and (args.small_input or args.plain),
+             ('--small-input changes the ResNet stem' if args.small_input else
+              '--plain removes the ResNet\'s shortcuts') + '; AlexNet has none to change'),
+            (args.model == 'alexnet' and small,
+             f'--image-size {args.image_size} is too small for AlexNet, which needs at least '
+             f'{config.ALEXNET_IMAGE_SIZE} px; leave it out, or pass '
+             f'{config.ALEXNET_IMAGE_SIZE} or more'),
+            (args.model in resnet.CIFAR_RESNETS and args.small_input,
+             f'--small-input swaps the ImageNet stem for a 3x3 conv, and {args.model}, a '
+             f'CIFAR-10 network, has that stem already; leave it out'),
+            (args.minutes and args.epochs, '--minutes plans the epochs that fit in the time, '
+                                           'and --epochs names them; pick one'),
+            (args.stream and not args.data, '--stream reads an image folder (--data DIR) batch '
+                                            'by batch; CIFAR-10 is small enough to hold in '
+                                            'memory: leave it out')):
+        if wrong:
+            raise UsageError(sentence)
 
 
-# How a resumed run goes on, not what it computes: these may differ from the checkpoint's.
-FREE_ON_RESUME = ('resume', 'out', 'device', 'workers', 'save_every', 'cuda_graphs',
-                  'graph_whole_step')
+# Everything a run is: the command line's options, and what the model's row of
+# config.TRAIN_DEFAULTS, the data's size and --recipe make of them (settings()). weight.json
+# records them, and --resume goes on with them. epochs is None where --minutes plans the steps;
+# warmup is the share of the steps the lr rises over (None: constant), min_warmup the fewest;
+# normalise is 'train' (the training images' mean and std), 'imagenet' or None.
+Settings = collections.namedtuple('Settings', [
+    'data', 'stream', 'valid_split', 'epochs', 'minutes', 'batch_size', 'lr', 'recipe',
+    'image_size', 'pretrained', 'init', 'freeze', 'model', 'small_input', 'plain', 'device',
+    'precision', 'seed', 'out', 'resume', 'workers', 'save_every', 'eval_batch_size',
+    'momentum', 'weight_decay', 'nesterov', 'label_smoothing', 'warmup', 'min_warmup',
+    'normalise', 'augment'])
 
 
-def given(argv=None):
-    """The options argv names, with their values: those left out are not there. (A namespace
-    that has an attribute already does not get the option's default.)"""
-    p, unset = build_parser(), object()
-    names = argparse.Namespace(**dict.fromkeys(vars(p.parse_args([])), unset))
-    return {k: v for k, v in vars(p.parse_args(argv, names)).items() if v is not unset}
+def settings(args, n_train):
+    """The run's Settings from the command line (or a resumed run's), once the data's size is
+    known. --batch-size, --lr and --epochs left out take the model's row of
+    config.TRAIN_DEFAULTS and config.NUM_EPOCHS (the article's lr for a recipe without the lr
+    fix). A folder with fewer training images than a dozen of the row's batches is small: its
+    batch is the largest power of 2 that gives a dozen steps an epoch (at least 16), its lr is
+    scaled with the batch (not for --freeze: the fc alone takes the row's), it trains
+    config.SMALL_FOLDER_EPOCHS epochs, and a line says so."""
+    recipe = recipe_values(args.recipe)
+    row_batch, row_lr = config.TRAIN_DEFAULTS[args.model + ' --small-input' * args.small_input]
+    row_lr = row_lr if recipe['warmup'] is not None else config.ARTICLE_LR
+    batch_size, lr = args.batch_size or row_batch, args.lr or row_lr
+    # A resumed run's epochs are its plan's, unless --epochs is given.
+    epochs = args.epochs or (None if args.minutes or args.resume else config.NUM_EPOCHS)
+    if n_train < 12 * row_batch:
+        if args.batch_size is None:
+            batch_size = max(16, 2 ** int(math.log2(max(1, n_train // 12))))
+            lr = args.lr or (row_lr if args.freeze else row_lr * batch_size / row_batch)
+        epochs = args.epochs or (None if args.minutes or args.resume else
+                                 config.SMALL_FOLDER_EPOCHS)
+        print(f'{n_train} training images, a small folder: '
+              f'{f"{epochs} epochs" if epochs else "the epochs that fit"} of '
+              f'{max(1, n_train // batch_size)} batches of {batch_size}, at lr {lr:g}')
+    given = {k: v for k, v in vars(args).items() if k in Settings._fields}
+    return Settings(**{**given, **recipe, 'batch_size': batch_size, 'lr': lr, 'epochs': epochs,
+                       'eval_batch_size': min(config.EVAL_BATCH_SIZE, 2 * batch_size),
+                       'min_warmup': config.MIN_WARMUP_STEPS.get(args.model, 0),
+                       # what torchvision's weights were trained with, whatever the recipe
+                       'normalise': 'imagenet' if args.pretrained else recipe['normalise']})
 
 
-def resumed(args, given, saved):
-    """--resume: the checkpoint's own arguments (saved), but FREE_ON_RESUME's from args; one
-    sentence for an argument given that contradicts the checkpoint's."""
-    for key, value in given.items():
-        if key not in FREE_ON_RESUME and value != saved.get(key):
-            flag = '--' + key.replace('_', '-')
-            raise UsageError(f'{flag} {value} contradicts the run being resumed ({flag} '
-                             f'{saved.get(key)}); leave it out: --resume goes on with the run\'s '
-                             f'own arguments')
-    return argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in FREE_ON_RESUME}})
+def recipe_values(name):
+    """What the recipe `name` sets (FIXES): the optimizer's momentum, weight decay and
+    Nesterov, the loss's label smoothing, the lr's warm-up share (None: constant), the
+    normalisation and the augmentation."""
+    fixes = fixes_of(name)
+    return dict(momentum=config.MOMENTUM,
+                weight_decay=config.WEIGHT_DECAY if 'decay' in fixes else
+                config.ARTICLE_WEIGHT_DECAY,
+                nesterov='nesterov' in fixes,
+                label_smoothing=config.LABEL_SMOOTHING if 'smoothing' in fixes else 0.0,
+                warmup=config.WARMUP if 'lr' in fixes else None,
+                normalise='train' if 'norm' in fixes else None, augment='augment' in fixes)
 
 
-def describe(args):
+def resumed(args, saved):
+    """--resume: the stopped run's settings (`saved`, its checkpoint's), with what RESUME_TAKES
+    from the command line: --epochs and --minutes where given."""
+    return argparse.Namespace(**{**saved, 'resume': True, 'out': args.out, 'device': args.device,
+                                 'workers': args.workers, 'minutes': args.minutes,
+                                 'epochs': args.epochs or (None if args.minutes
+                                                           else saved['epochs'])})
+
+
+def header(s, device, precision, how, per_epoch, steps):
+    """The run's first line: the network, where and how it trains, and for how long."""
+    recipe = f', the recipe {s.recipe}' if s.recipe != 'fixed' else ''
+    epochs = math.ceil(steps / per_epoch)
+    length = (f'{epochs} epoch{"s" * (epochs > 1)} of {per_epoch} '
+              f'batch{"es" * (per_epoch > 1)} of {s.batch_size}')
+    if s.minutes:
+        share = f'{steps / per_epoch:.2f} of an epoch' if steps < per_epoch else \
+            f'{steps / per_epoch:.1f} epochs'
+        length = f'{steps} batches of {s.batch_size} ({share}) planned in {s.minutes:g} min'
+    return (f'{describe(s.model, s.small_input, s.plain, s.pretrained, s.init, s.freeze)}, '
+            f'{device}, {precision}, {how}{recipe}, {length}, peak lr {s.lr:g}')
+
+
+def describe(model, small_input=False, plain=False, pretrained=None, init=None, freeze=False):
     """'resnet18', 'resnet18 (small input)', 'resnet18 (ImageNet's weights, frozen but the
     fc)': the network and where it started, for the log."""
-    kinds = [k for k, on in (('small input', args.small_input), ('plain', args.plain),
-                             ('ImageNet\'s weights', args.pretrained),
-                             (f'weights of {args.init}', args.init),
-                             ('frozen but the fc', args.freeze)) if on]
-    return args.model + (f' ({", ".join(kinds)})' if kinds else '')
+    kinds = [k for k, on in (('small input', small_input), ('plain', plain),
+                             ('ImageNet\'s weights', pretrained), (f'weights of {init}', init),
+                             ('frozen but the fc', freeze)) if on]
+    return model + (f' ({", ".join(kinds)})' if kinds else '')

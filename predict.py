@@ -29,7 +29,6 @@ import stream
 import train
 from data import IMG_EXTENSIONS, find_images, load_dataset, make_loader
 from errors import UsageError, guarded
-from gradcam import grad_cam
 
 
 def load_model(path, device):
@@ -48,7 +47,7 @@ def load_model(path, device):
 
 def describe(record):
     a = record['args']
-    return a['model'] + ' --small-input' * a['small_input'] + ' --plain' * a['plain']
+    return options.describe(a['model'], a['small_input'], a['plain'])
 
 
 def image_files(paths):
@@ -112,7 +111,7 @@ def write_cams(files, model, record, device, amp_dtype, folder, k):
     written, i = [], 0
     for inputs, probs in batch_probabilities(batches(files, record, device), model, device,
                                              amp_dtype):
-        heat = grad_cam(model, inputs.float(), probs.argmax(dim=1))
+        heat = pictures.grad_cam(model, inputs.float(), probs.argmax(dim=1))
         for x, h, p in zip(inputs, heat, probs.cpu()):
             top = p.topk(k)
             path = folder / f'{names[i]}.cam.png'
@@ -137,13 +136,14 @@ def test(args, device):
                          f'pass --data DIR with its test images')
     size, split = record['args']['image_size'], record['test_split'] or config.TEST_SPLIT
     images = (stream.load_dataset(data_dir, size, args.workers, False, split) if args.stream else
-              load_dataset(data_dir, args.data_root, size, args.workers, False, device, split))
+              load_dataset(data_dir, size, args.workers, False, device, split))
     test_x, test_y = images.test
     if record['classes'] != list(images.classes):
         raise UsageError(f'{path} was trained on the classes {record["classes"]}, '
                          f'but the data has {list(images.classes)}')
-    trainer = train.Trainer(model, None, train.build_criterion(options.fixes_of(
-        record['args']['recipe'])), device, precision=speed.choose_precision('auto', device))
+    smoothing = options.recipe_values(record['args']['recipe'])['label_smoothing']
+    trainer = train.Trainer(model, None, train.build_criterion(smoothing), device,
+                            precision=speed.choose_precision('auto', device))
     make = stream.make_loader if args.stream else make_loader
     loader = make(test_x, test_y, **loader_args(record, device, args.batch_size))
     loss, acc = trainer.epoch_valid(loader)
@@ -203,8 +203,6 @@ def build_parser():
                         'beside them')
     p.add_argument('--data', metavar='DIR', help='with --test: another image folder with the '
                    'same classes')
-    p.add_argument('--data-root', default=config.DATA_ROOT, metavar='DIR',
-                   help='with --test: where CIFAR-10 is (default: %(default)s)')
     p.add_argument('--stream', action='store_true', help='with --test: decode the test images '
                    'batch by batch, for a folder too large for memory')
     p.add_argument('--batch-size', type=options.positive(int), default=config.EVAL_BATCH_SIZE,
@@ -223,8 +221,7 @@ def main(argv=None):
         device = options.pick_device(args.device)
         return test(args, device) if args.test else classify(args, device)
 
-    return guarded(run, lambda: f'the device ran out of memory for batches of '
-                                f'{args.batch_size} images; pass a smaller --batch-size')
+    return guarded(run, batch_size=args.batch_size)
 
 
 if __name__ == '__main__':

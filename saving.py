@@ -1,10 +1,11 @@
 """Saving and loading: the files a run writes beside --out, each replaced in one step.
 
 weight.pth holds the best weights as a plain state_dict, as in the article; weight.json says what
-they are (the run's arguments, the classes, how to prepare an image) and how good; weight.csv
+they are (the run's settings, the classes, how to prepare an image) and how good; weight.csv
 and weight.png hold the epochs; weight.ckpt holds what --resume needs. One run writes one --out:
 weights already there are never overwritten.
 """
+import collections
 import csv
 import io
 import json
@@ -48,14 +49,98 @@ def read_json(path):
     return data if isinstance(data, dict) else None
 
 
-def claim(out):
-    """--out for a new run: its folder is made; one sentence, before any work, where weights
-    are there already (one run writes one --out)."""
-    if Path(out).exists():
+def begin(out, resume=False):
+    """Where a run starts: a new one claims --out (its folder is made; one sentence, before any
+    work, where weights are there already), and returns None; --resume returns the checkpoint
+    beside --out."""
+    out = Path(out)
+    if resume and not out.with_suffix('.ckpt').exists() and out.exists():
+        raise UsageError(f'{out} is a finished run, and nothing is left to resume; a new run '
+                         f'needs its own --out')
+    if resume:
+        return load_checkpoint(out.with_suffix('.ckpt'))
+    if out.exists():
         raise UsageError(f'{out} already holds the weights of an earlier run, and a run never '
                          f'overwrites them: pass --out NEW.pth to train anew beside them, or '
                          f'--resume to go on with that run if it was stopped')
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def record(settings, data, precision, start=None):
+    """weight.json: the run's settings, and what predict.py needs to prepare an image for the
+    weights (the classes, the held size, the mean and std); the run adds its accuracies."""
+    return {'args': settings._asdict(), 'classes': data.classes,
+            'held_size': data.train.images.shape[-1], 'mean': data.mean, 'std': data.std,
+            'test_split': data.test_split,
+            'data': str(Path(settings.data).resolve()) if settings.data else 'cifar10',
+            'start': start.name if start else 'random', 'precision': precision}
+
+
+# The best weights so far: their validation accuracy (None without validation images: then
+# the last epoch's), their epoch, and a copy of them.
+Best = collections.namedtuple('Best', 'valid_acc epoch params')
+
+
+class Run:
+    """The files of a run beside `out`, and what goes into them: weight.json's record, the
+    epochs so far (history), the best weights so far, the epoch and the steps taken."""
+
+    def __init__(self, out):
+        self.out, self.record, self.history, self.best = Path(out), None, [], None
+        self.epoch = self.steps = 0
+        self.where = 'before the first epoch'  # for what stops the run
+
+    def begin(self, record, checkpoint=None, *states):
+        """Start with weight.json's record; resumed, from the checkpoint: its states (model,
+        optimizer, scaler, device) put back, its epochs, and the best weights it kept."""
+        self.record = record
+        if checkpoint:
+            resume(checkpoint, *states)
+            self.history, self.epoch = checkpoint['history'], checkpoint['epoch']
+            self.steps = checkpoint['scheduler']['taken']
+            if self.out.exists():  # this run's: --out is its alone
+                kept = read_record(self.out)
+                self.best = Best(kept['valid_acc'], kept['best_epoch'], load_weights(self.out))
+            print(f'resuming after epoch {self.epoch}')
+
+    def add_epoch(self, train_loss, train_acc, valid_loss, valid_acc, lr, train_seconds,
+                  valid_seconds, steps, batch_size):
+        """The epoch's row of weight.csv, after `steps` training steps in all of `batch_size`
+        images (valid_acc None: no validation images)."""
+        self.history.append(dict(
+            epoch=self.epoch, train_loss=round(train_loss, 4), train_acc=round(train_acc, 2),
+            valid_loss=valid_loss and round(valid_loss, 4),
+            valid_acc=valid_acc and round(valid_acc, 2), lr=round(lr, 6),
+            train_seconds=round(train_seconds, 2), valid_seconds=round(valid_seconds, 2),
+            img_per_s=round((steps - self.steps) * batch_size / train_seconds)))
+        self.steps = steps
+        return self.history[-1]
+
+    def save(self, model=None, optimizer=None, schedule=None, scaler=None, device=None):
+        """Write the best weights (if new since the last save) and weight.json; after an
+        epoch, given the states, the checkpoint and the epochs (weight.csv, weight.png) too."""
+        if self.best is None:
+            return
+        if self.record.get('best_epoch') != self.best.epoch:
+            save_torch(self.best.params, self.out)
+        self.record.update(valid_acc=self.best.valid_acc, best_epoch=self.best.epoch,
+                           steps=self.steps)
+        if model is not None:
+            save_torch({'epoch': self.epoch, 'args': self.record['args'],
+                        'history': self.history, 'model': model.state_dict(),
+                        'optimizer': optimizer.state_dict(), 'scheduler': schedule.state_dict(),
+                        'scaler': scaler.state_dict(), 'rng': rng_state(device)},
+                       self.out.with_suffix('.ckpt'))
+            save_history(self.history, self.out)
+        save_text(json.dumps(self.record, indent=1), self.out.with_suffix('.json'))
+
+    def end_epochs(self):
+        """The epochs are done: their files; the checkpoint goes, as nothing is left to resume."""
+        self.where = 'in the test'
+        save_history(self.history, self.out)
+        self.save()
+        self.out.with_suffix('.ckpt').unlink(missing_ok=True)
 
 
 NEEDED = ('args', 'classes', 'held_size', 'mean', 'std')  # to prepare an image for the weights
@@ -131,17 +216,6 @@ def load_into(model, state, path, what,
                          f'{advice}') from None
 
 
-def save_checkpoint(path, epoch, arguments, history, model, optimizer, scheduler, scaler,
-                    device):
-    """What --resume needs to go on after `epoch` as if the run had never stopped: the run's
-    arguments (a dict of plain values), its epochs so far, and the state of everything that
-    changes as it trains."""
-    save_torch({'epoch': epoch, 'args': dict(arguments), 'history': history,
-                'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-                'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(),
-                'rng': rng_state(device)}, path)
-
-
 CHECKPOINT_KEYS = ('epoch', 'args', 'history', 'model', 'optimizer', 'scheduler', 'scaler', 'rng')
 
 
@@ -156,19 +230,23 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or not all(k in ckpt for k in CHECKPOINT_KEYS):
         raise UsageError(f'{path} is not a readable checkpoint of train.py (it may be truncated); '
                          f'to start over, move the files beside it away')
+    if 'taken' not in ckpt['scheduler']:
+        raise UsageError(f'{path} was written by an earlier version of train.py, whose lr '
+                         f'schedule this one cannot go on with; its weights still work '
+                         f'(predict.py, --init), or train anew with another --out')
     return ckpt
 
 
-def resume(ckpt, model, optimizer, scheduler, scaler, device):
-    """Put a checkpoint's states back into the run's model, optimizer, lr schedule, loss
-    scaler and random generators. The optimizer keeps its own implementation (fused or not):
-    a checkpoint written on another device carries that device's."""
+def resume(ckpt, model, optimizer, scaler, device):
+    """Put a checkpoint's states back into the run's model, optimizer, loss scaler and random
+    generators (its lr schedule: train.build_schedule). The optimizer keeps its own
+    implementation (fused or not): a checkpoint written on another device carries that
+    device's."""
     model.load_state_dict(ckpt['model'])
     optimizer.load_state_dict(ckpt['optimizer'])
     for group in optimizer.param_groups:
         group['fused'] = optimizer.defaults['fused']
         group['foreach'] = optimizer.defaults['foreach']
-    scheduler.load_state_dict(ckpt['scheduler'])
     scaler.load_state_dict(ckpt['scaler'])
     set_rng_state(ckpt['rng'], device)
 

@@ -5,13 +5,13 @@ precision and memory-format choice, a CPU route for convolutions with a one-pixe
 the call that, on CUDA, records the training step as CUDA graphs (graphs.py).
 """
 import contextlib
-import time
 import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import config
 from errors import UsageError
 
 
@@ -19,27 +19,32 @@ PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}  # au
 
 
 def choose_precision(name, device):
-    """The autocast dtype for --precision `name` on device; None means fp32, no autocast.
-
-    auto: on CUDA, bf16 where the GPU computes it natively (compute capability 8.0 and later:
-    A100, RTX 30xx, L4, H100), else fp16 with loss scaling (T4, V100); on a CPU with bf16
-    instructions (AVX512-BF16 or AMX), bf16, faster there than fp32 to the same accuracy
-    (RESULTS.md); fp32 elsewhere (Apple's mps, other CPUs). A name given explicitly is used as
-    it is, unless the device cannot do it: then one sentence says so.
-    """
-    if name == 'auto':
-        if device.type == 'cuda':
-            return torch.bfloat16 if cuda_has_native_bf16() else torch.float16
-        return torch.bfloat16 if device.type == 'cpu' and cpu_has_native_bf16() else None
-    dtype = PRECISIONS[name]
-    if dtype is torch.bfloat16 and device.type == 'cuda' and not cuda_has_native_bf16():
-        major, minor = torch.cuda.get_device_capability()
-        raise UsageError(f'--precision bf16: this GPU (compute capability {major}.{minor}) has no '
-                         f'native bf16, only a slow emulation; use --precision fp16 or auto')
-    if dtype is not None and not autocast_works(device, dtype):
+    """The autocast dtype for --precision `name` on device (None: fp32, no autocast): see
+    pick_precision. One sentence where this torch build cannot compute in it there."""
+    dtype = pick_precision(name, device.type, torch.cuda.get_device_capability(device)
+                           if device.type == 'cuda' else None,
+                           device.type == 'cpu' and cpu_has_native_bf16())
+    if name != 'auto' and dtype is not None and not autocast_works(device, dtype):
         raise UsageError(f'--precision {name}: this torch build cannot compute in {name} on '
                          f'{device.type}; use --precision fp32 or auto')
     return dtype
+
+
+def pick_precision(name, device_type, capability=None, cpu_bf16=False):
+    """auto: on CUDA, bf16 where the GPU computes it natively (compute capability 8.0 and later:
+    A100, RTX 30xx, L4, H100), else fp16 with loss scaling (T4, V100); on a CPU with bf16
+    instructions (cpu_bf16), bf16, faster there than fp32 to the same accuracy (RESULTS.md);
+    fp32 elsewhere (Apple's mps, other CPUs). A name given is used as it is, but bf16 on a GPU
+    that only emulates it is one sentence."""
+    if name == 'auto':
+        if device_type == 'cuda':
+            return torch.bfloat16 if capability >= (8, 0) else torch.float16
+        return torch.bfloat16 if cpu_bf16 else None
+    if name == 'bf16' and device_type == 'cuda' and capability < (8, 0):
+        raise UsageError(f'--precision bf16: this GPU (compute capability {capability[0]}.'
+                         f'{capability[1]}) has no native bf16, only a slow emulation; use '
+                         f'--precision fp16 or auto')
+    return PRECISIONS[name]
 
 
 def autocast(device, dtype, cache_enabled=True):
@@ -69,29 +74,27 @@ def precision_name(dtype):
     return next(name for name, d in PRECISIONS.items() if d == dtype)
 
 
-def cuda_has_native_bf16():
-    # Not torch.cuda.is_bf16_supported(): from torch 2.4 it also answers True for GPUs that
-    # only emulate bf16 (T4, V100), where training would be slow or fail in cuDNN.
-    return torch.cuda.get_device_capability() >= (8, 0)
-
-
 def cpu_has_native_bf16(cpuinfo='/proc/cpuinfo'):
     """Whether this CPU has bf16 instructions (AVX512-BF16, or AMX-BF16); False where unsure.
-
     torch asks the CPU itself through private functions whose names vary between versions;
-    where they are missing, Linux's /proc/cpuinfo lists the flags.
-    """
+    where they are missing, Linux's `cpuinfo` lists the flags (cpu_flags_have_bf16)."""
     for name in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'):
         try:
             if getattr(torch.cpu, name)():
                 return True
         except Exception:  # missing in this torch version
             pass
+    return cpu_flags_have_bf16(cpuinfo)
+
+
+def cpu_flags_have_bf16(cpuinfo):
+    """Whether the CPU flags in Linux's /proc/cpuinfo (at `cpuinfo`) include bf16's; False
+    where there is no such file (not Linux)."""
     try:
         with open(cpuinfo) as f:
             flags = next((line.split(':', 1)[1].split() for line in f
                           if line.startswith('flags')), [])
-    except OSError:  # not Linux
+    except OSError:
         return False
     return 'avx512_bf16' in flags or 'amx_bf16' in flags
 
@@ -167,18 +170,26 @@ def prepare_model(model, device):
     return model.to(device, memory_format=memory_format(device))
 
 
-def prepare_step(step, model, optimizer, scaler, loader, model_name, graphs=True,
-                 whole_step=None):
-    """The training step to use, how it runs (in words, for the run's header) and the seconds
-    spent recording it: on the CPU, the one-pixel route (prepare_model put it in); on CUDA,
-    cuDNN's timing of its kernels and the step recorded as CUDA graphs (graphs.py; not for
-    AlexNet, whose few large kernels keep a GPU busy already, and whose dropout draws random
-    numbers). `scaler` is the Trainer's MixedPrecision, on the training device."""
-    device, t0 = scaler.device, time.perf_counter()
+def prepare_step(step, model, optimizer, scaler, loader, model_name,
+                 graphs=config.CUDA_GRAPHS, whole_step=config.GRAPH_WHOLE_STEP):
+    """The training step to use, and how it runs (in words, for the run's header): on the
+    CPU, the one-pixel route (prepare_model put it in); on CUDA, cuDNN's timing of its kernels
+    and the step recorded as CUDA graphs (graphs.py; not for AlexNet, whose few large kernels
+    keep a GPU busy already, and whose dropout draws random numbers). `scaler` is the
+    Trainer's MixedPrecision, on the training device."""
+    device = scaler.device
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True  # time cuDNN's algorithms once per shape
     if device.type != 'cuda' or not graphs or model_name == 'alexnet':
-        return step, ONE_PIXEL_ROUTE if device.type == 'cpu' else 'eager', 0.0
-    import graphs  # CUDA only
-    graphed, how = graphs.record_graphs(step, model, optimizer, scaler, loader, whole_step)
-    return graphed or step, how, time.perf_counter() - t0
+        return step, ONE_PIXEL_ROUTE if device.type == 'cpu' else 'eager'
+    import graphs as cuda_graphs  # CUDA only
+    graphed, how = cuda_graphs.record_graphs(step, model, optimizer, scaler, loader, whole_step)
+    return graphed or step, how
+
+
+def sync(device):
+    """Wait for the device to finish what it was given (for timing)."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    elif device.type == 'mps':
+        torch.mps.synchronize()

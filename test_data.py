@@ -1,16 +1,20 @@
-"""Tests for data.py: listing and decoding an image folder, channel statistics, and the batched
-tensor data path that replaces the article's per-image PIL transforms."""
+"""Tests of the data: listing and decoding an image folder, channel statistics, the batched tensor
+data path that replaces the article's per-image PIL transforms (data.py), and the same batches
+decoded anew in every epoch for a folder too large for memory (stream.py)."""
+import contextlib
+import io
 import tempfile
 import unittest
 from pathlib import Path
-from unittest import mock
 
 import torch
 import torch.nn as nn
 from PIL import Image
 
 import data
+import stream
 from errors import UsageError
+from test_helpers import make_colour_folder
 
 # The loader arguments the tests below share.
 LOADER = dict(batch_size=4, mean=[0.5] * 3, std=[0.2] * 3, image_size=8, device=torch.device('cpu'))
@@ -52,21 +56,18 @@ class DataPathTest(unittest.TestCase):
                 data.decode_images(files, 4, workers=2, chunk=3)
 
     def test_memory_check(self):
-        # ImageNet-1k at 224 px would need 180 GiB: say what is needed and what is free.
+        # ImageNet-1k at 224 px would need 180 GiB: say what is needed and what is free, in
+        # the RAM and, on CUDA, the GPU's memory; a place whose free memory is unknown passes.
         gib = 2**30
-        with mock.patch.object(data, 'available_ram', return_value=64 * gib):
-            self.assertIsNone(data.memory_shortfall(50_000, 32, torch.device('cpu')))  # 0.1 GiB
-            self.assertEqual(data.memory_shortfall(1_281_167, 224, torch.device('cpu')),
-                             'held at 224 px they need 179.6 GiB of RAM, and 64.0 GiB is free '
-                             '(of which 1 GiB stays for the model)')
-        # On CUDA the GPU's free memory counts too; where the RAM is unknown (not Linux), only it.
-        cuda = torch.device('cuda')
-        with mock.patch.object(data, 'available_ram', return_value=None), \
-                mock.patch.object(torch.cuda, 'mem_get_info', return_value=(2 * gib, 16 * gib)):
-            self.assertIsNone(data.memory_shortfall(50_000, 32, cuda))
-            self.assertIn('need 1.1 GiB of GPU memory', data.memory_shortfall(400_000, 32, cuda))
-        ram = data.available_ram()
-        self.assertTrue(ram is None or ram > 0)
+        self.assertIsNone(data.memory_shortfall(50_000, 32, [('RAM', 64 * gib)]))  # 0.1 GiB
+        self.assertEqual(data.memory_shortfall(1_281_167, 224, [('RAM', 64 * gib)]),
+                         'held at 224 px they need 179.6 GiB of RAM, and 64.0 GiB is free '
+                         '(of which 1 GiB stays for the model)')
+        on_cuda = [('RAM', None), ('GPU memory', 2 * gib)]
+        self.assertIsNone(data.memory_shortfall(50_000, 32, on_cuda))
+        self.assertIn('need 1.1 GiB of GPU memory', data.memory_shortfall(400_000, 32, on_cuda))
+        (place, ram), = data.free_memory(torch.device('cpu'))
+        self.assertTrue(place == 'RAM' and (ram is None or ram > 0))
 
     def test_batches_are_normalised(self):
         # The article fed raw [0, 1] pixels.
@@ -266,3 +267,72 @@ class OrientationTest(unittest.TestCase):
         self.assertLess((want - got).abs().max().item(), 40)  # JPEG's loss at the edge
         self.assertGreater(got[1, 8, 0].item(), 150)  # the top is red
         self.assertGreater(got[14, 8, 2].item(), 150)  # the bottom is blue
+
+
+class StreamTest(unittest.TestCase):
+    """--stream: the same batches from image files decoded in every epoch (stream.py)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.root = make_colour_folder(Path(cls.tmp.name, 'colours'), n_train=6, n_test=4)
+        with contextlib.redirect_stdout(io.StringIO()):  # 'decoding ...', 'streaming ...'
+            cls.held = data.load_dataset(cls.root, 8, workers=1)
+            cls.files = stream.load_dataset(cls.root, 8, workers=1)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def test_both_paths_give_the_same_batches(self):
+        # The same labels in the same order, the same images before augmentation, and, as the
+        # epoch plan is shared, the same crops and flips after it.
+        (images, labels), (files, labels2) = self.held.train, self.files.train
+        self.assertTrue(torch.equal(labels, labels2))
+        self.assertEqual(files.shape, tuple(images.shape))
+        for augment in (False, True):
+            for workers in (1, 2):  # in this process, and in 2 worker processes
+                files.workers = workers
+                a = data.make_loader(images, labels, train=True, augment=augment, seed=3,
+                                     **LOADER)
+                b = stream.make_loader(files, labels, train=True, augment=augment, seed=3,
+                                       **LOADER)
+                for epoch in (1, 2):
+                    a.set_epoch(epoch)
+                    b.set_epoch(epoch)
+                    batches = list(zip(a, b))
+                    self.assertEqual(len(batches), len(a))
+                    for (xa, ya), (xb, yb) in batches:
+                        self.assertTrue(torch.equal(xa, xb) and torch.equal(ya, yb))
+        # Evaluation: every image once, in order.
+        a = data.make_loader(*self.held.test, train=False, **LOADER)
+        b = stream.make_loader(*self.files.test, train=False, **LOADER)
+        for (xa, ya), (xb, yb) in zip(a, b):
+            self.assertTrue(torch.equal(xa, xb) and torch.equal(ya, yb))
+        self.assertEqual(data.channel_stats(files), data.channel_stats(images))
+
+    def test_a_subset_of_files_is_the_same_images(self):
+        # images[indices] of ImageFiles is the files at those indices, as a tensor's is the
+        # images there; images[i] and images[i:j] decode.
+        idx = torch.tensor([0, 3, 7])
+        images, files = self.held.train.images, self.files.train.images
+        picked = files[idx]
+        self.assertEqual(picked.files, [files.files[i] for i in (0, 3, 7)])
+        self.assertTrue(torch.equal(images[idx], picked[0:3]))
+        self.assertTrue(torch.equal(images[idx][1], picked[1]))
+
+    def test_an_unreadable_image_is_one_sentence_from_a_worker(self):
+        files = self.files.test.images[torch.arange(len(self.files.test.labels))]
+        broken = Path(self.tmp.name, 'broken.png')
+        broken.write_bytes(b'not a png')
+        files.files[5], files.workers = str(broken), 2
+        loader = stream.make_loader(files, torch.zeros(len(files), dtype=torch.long),
+                                    train=False, **LOADER)
+        with self.assertRaises(UsageError) as caught:
+            list(loader)
+        self.assertEqual(str(caught.exception).count('\n'), 0)
+        self.assertTrue(str(caught.exception).startswith(f'{broken} is not a readable image'))
+
+
+if __name__ == '__main__':
+    unittest.main()

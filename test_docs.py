@@ -54,8 +54,8 @@ def test_names():
 class ReadmeTest(unittest.TestCase):
 
     def test_readmes_are_short_and_each_links_the_other(self):
-        self.assertLessEqual(len(read('README.md')), 15_000)
-        self.assertLessEqual(len(read('README.ja.md')), 14_000)
+        self.assertLessEqual(len(read('README.md')), 16_000)
+        self.assertLessEqual(len(read('README.ja.md')), 15_000)
         self.assertIn('(README.ja.md)', read('README.md').split('\n## ')[0])
         self.assertIn('(README.md)', read('README.ja.md').split('\n## ')[0])
 

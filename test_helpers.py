@@ -1,4 +1,5 @@
-"""What the test files share: small data they make, and ways to run the scripts. No tests here."""
+"""What the test files share: small data they make, ways to run the scripts, and the few stand-ins
+for what a test cannot make happen (Ctrl-C, a NaN, the clock, the network, a GPU). No tests here."""
 import contextlib
 import functools
 import io
@@ -6,13 +7,18 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
+import types
 import unittest
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
+import torchvision
 from PIL import Image
 
+import budget
 import graphs
 import train
 
@@ -105,7 +111,7 @@ class ColourFolderCase(unittest.TestCase):
 
 def make_mini_cifar(root):
     """A CIFAR-10 of 10 images a split, in torchvision's format, in root/cifar-10-batches-py
-    (torchvision's checksums cannot match it: patch check_integrity to skip them)."""
+    (torchvision's checksums cannot match it: see offline_cifar10)."""
     import pickle
     folder = Path(root, 'cifar-10-batches-py')
     folder.mkdir(parents=True)
@@ -116,6 +122,88 @@ def make_mini_cifar(root):
             pickle.dump({'data': pixels, 'labels': [i % 10 for i in range(10)]}, f)
     with open(folder / 'batches.meta', 'wb') as f:
         pickle.dump({'label_names': [f'class{i}' for i in range(10)]}, f)
+
+
+@contextlib.contextmanager
+def offline_cifar10(download=AssertionError('a test tried to download CIFAR-10')):
+    """No network: CIFAR-10's download does `download` (an exception to raise, None: nothing,
+    or a function of the dataset), and make_mini_cifar's files pass its checksums."""
+    fake = download if callable(download) else mock.Mock(side_effect=download)
+    with mock.patch('torchvision.datasets.cifar.check_integrity', return_value=True), \
+            mock.patch.object(torchvision.datasets.CIFAR10, 'download', fake):
+        yield
+
+
+@contextlib.contextmanager
+def in_a_folder(folder):
+    """Run in `folder`: CIFAR-10 is read from ./data there (config.DATA_ROOT)."""
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+@contextlib.contextmanager
+def the_epochs(train_epoch=None, valid_epoch=None):
+    """Stand in for what a real run cannot be made to do: Ctrl-C, a loss that becomes NaN or
+    running out of memory in a chosen epoch, or validation accuracies a test chooses.
+    train_epoch(real, trainer, loader) replaces Trainer.epoch_train (it may call the real one),
+    valid_epoch Trainer.epoch_valid. Yields a list of what they were given, in order: (the
+    method's name, the loader)."""
+    seen = []
+
+    def wrap(name, fake):
+        real = getattr(train.Trainer, name)
+
+        def epoch(trainer, loader):
+            seen.append((name, loader))
+            return (fake or (lambda real, *a: real(*a)))(real, trainer, loader)
+        return epoch
+
+    with mock.patch.object(train.Trainer, 'epoch_train', wrap('epoch_train', train_epoch)), \
+            mock.patch.object(train.Trainer, 'epoch_valid', wrap('epoch_valid', valid_epoch)):
+        yield seen
+
+
+@contextlib.contextmanager
+def image_reads():
+    """Count the image files opened (PIL's Image.open), in this process: a list that grows."""
+    opened, real = [], Image.open
+
+    def counted(*args, **kwargs):
+        opened.append(args[0])
+        return real(*args, **kwargs)
+
+    with mock.patch.object(Image, 'open', counted):
+        yield opened
+
+
+class FakeClock:
+    """The clock that train.py and budget.py read (their time.monotonic and time.perf_counter),
+    moved by the test alone: `now` seconds after train.START. With `speed`, it runs that many
+    times faster than the real one instead."""
+
+    def __init__(self, now=0.0, speed=None):
+        self.now, self.speed, self.started = now, speed, time.monotonic()
+
+    def read(self):
+        if self.speed:
+            return train.START + (time.monotonic() - self.started) * self.speed
+        return train.START + self.now
+
+    def __enter__(self):
+        fake = types.SimpleNamespace(monotonic=self.read, perf_counter=self.read)
+        self.patches = [mock.patch.object(budget, 'time', fake),
+                        mock.patch.object(train, 'time', fake)]
+        for patch in self.patches:
+            patch.start()
+        return self
+
+    def __exit__(self, *exc):
+        for patch in self.patches:
+            patch.stop()
 
 
 def train_weights(data, out, image_size, epochs):

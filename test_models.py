@@ -12,16 +12,17 @@ import torch
 import torch.nn as nn
 import torchvision
 
+import config
 import layers
+import options
 import resnet
+import train
 from alexnet import AlexNet
 from resnet import ResNet18, ResNet34, ResNet50, count_parameters
 from test_helpers import HERE, run_script
 
 # The other test files; `python -m unittest test_models` runs them too.
-TEST_FILES = ('test_data', 'test_stream', 'test_speed', 'test_train', 'test_budget',
-              'test_predict', 'test_benchmark', 'test_degradation', 'test_gradcam',
-              'test_transfer', 'test_saving', 'test_docs')
+TEST_FILES = ('test_data', 'test_train', 'test_speed', 'test_tools', 'test_docs')
 
 
 def load_tests(loader, tests, pattern):
@@ -38,6 +39,27 @@ class TestFilesTest(unittest.TestCase):
     def test_every_test_file_is_run(self):
         found = {p.stem for p in HERE.glob('test_*.py')} - {'test_models', 'test_helpers'}
         self.assertEqual(found, set(TEST_FILES))
+
+
+class EveryModelTest(unittest.TestCase):
+
+    def test_every_model_offered_is_built(self):
+        # Each --model builds a network that classifies an image into the 3 classes, with and
+        # without --plain where it is a ResNet; the CIFAR nets are the paper's, by depth.
+        self.assertEqual(set(options.MODELS), {'alexnet', 'resnet18', 'resnet34', 'resnet50',
+                                               'resnet20', 'resnet32', 'resnet44', 'resnet56',
+                                               'resnet110'})
+        for name in options.MODELS:
+            for plain in (False, True) if name != 'alexnet' else (False,):
+                with self.subTest(name, plain=plain):
+                    model = train.build_model(name, 3, plain=plain).eval()
+                    size = options.parse_args(['--model', name]).image_size  # AlexNet: 67 px
+                    with torch.no_grad():
+                        self.assertEqual(model(torch.zeros(2, 3, size, size)).shape, (2, 3))
+                    shortcuts = {b.shortcut for b in model.modules() if hasattr(b, 'shortcut')}
+                    self.assertEqual(shortcuts, set() if name == 'alexnet' else {not plain})
+        self.assertEqual(count_parameters(train.build_model('resnet56', 10)), 853_018)
+        self.assertEqual(config.ALEXNET_IMAGE_SIZE, AlexNet.MIN_INPUT_SIZE)
 
 
 def blocks_per_stage(model):

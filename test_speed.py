@@ -1,7 +1,10 @@
-"""Tests for speed.py and graphs.py: the CPU's one-pixel conv route, the CUDA graphs (their
-logic, on the CPU) and the precision choice. Each trick must compute what the plain code computes.
+"""Tests of speed: speed.py and graphs.py (the CPU's one-pixel conv route, the CUDA graphs, whose
+logic runs here on the CPU, and the precision choice) and benchmark.py. Each trick must compute
+what the plain code computes.
 """
 import contextlib
+import io
+import json
 import tempfile
 import types
 import unittest
@@ -12,6 +15,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
+import budget
 import data
 import layers
 import graphs
@@ -19,6 +23,8 @@ import speed
 import train
 from resnet import ResNet18
 from test_helpers import EagerGraphedStep, copy_weights
+
+CPU = torch.device('cpu')
 
 
 class SpeedTest(unittest.TestCase):
@@ -97,9 +103,9 @@ class SpeedTest(unittest.TestCase):
             torch.manual_seed(0)
             model = nn.Sequential(layers.conv3x3(3, 8), nn.BatchNorm2d(8), nn.ReLU(),
                                   nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).double()
-            optimizer = train.build_optimizer(model, 0.02, torch.device('cpu'))
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train.WarmupLinear(4, 0.5))
-            return train.Trainer(model, optimizer, train.build_criterion(), scheduler=scheduler)
+            optimizer = train.build_optimizer(model.parameters(), 0.02, 0.9, 5e-4, True, CPU)
+            return train.Trainer(model, optimizer, train.build_criterion(0.1),
+                                 scheduler=budget.Schedule(optimizer, 4, 0.5))
 
         g = torch.Generator().manual_seed(1)
         batches = [(torch.randn(4, 3, 16, 16, generator=g, dtype=torch.float64),
@@ -131,93 +137,68 @@ class SpeedTest(unittest.TestCase):
 
     def test_cuda_graphs_only_for_resnets_on_cuda(self):
         # On the CPU the step is the plain one (the one-pixel route is in the model); on CUDA
-        # a ResNet's is recorded, unless --no-cuda-graphs; AlexNet's never is.
-        cpu, step = torch.device('cpu'), object()
+        # a ResNet's is recorded (here its recording, CUDA-only, stands in), AlexNet's never is.
+        step = object()
+        self.assertEqual(speed.prepare_step(step, None, None, speed.MixedPrecision(CPU), None,
+                                            'resnet18'), (step, speed.ONE_PIXEL_ROUTE))
+        on_cuda = types.SimpleNamespace(device=torch.device('cuda'), dtype=None)
         with mock.patch.object(graphs, 'record_graphs', return_value=(None, 'graphed')) as rec:
-            self.assertEqual(speed.prepare_step(step, None, None, speed.MixedPrecision(cpu),
-                                                None, 'resnet18'),
-                             (step, speed.ONE_PIXEL_ROUTE, 0.0))
-            with mock.patch.object(speed.MixedPrecision, '__init__', return_value=None):
-                cuda = speed.MixedPrecision('cuda')
-            cuda.device, cuda.dtype = torch.device('cuda'), None
-            for name, graphed, how in (('resnet18', True, 'graphed'),
-                                       ('resnet18', False, 'eager'), ('alexnet', True, 'eager')):
-                got, said, _ = speed.prepare_step(step, None, None, cuda, None, name, graphed)
-                self.assertEqual((got, said), (step, how), (name, graphed))
+            for name, how in (('resnet18', 'graphed'), ('alexnet', 'eager')):
+                got = speed.prepare_step(step, None, None, on_cuda, None, name)
+                self.assertEqual(got, (step, how), name)
         self.assertEqual(rec.call_count, 1)
         torch.backends.cudnn.benchmark = False
 
     def test_fp32_asks_for_no_autocast(self):
         # fp32 (CPU, Apple's mps) runs without torch.autocast: before torch 2.5 even a disabled
         # autocast raised "unsupported autocast device_type 'mps'".
-        model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        trainer = train.Trainer(model, optimizer, nn.CrossEntropyLoss())
+        trainer = train.Trainer(nn.Linear(3, 3), None, nn.CrossEntropyLoss())
         self.assertIsNone(trainer.amp.dtype)
-        images = torch.randint(0, 256, (8, 3, 4, 4), dtype=torch.uint8)
-        loader = data.TensorLoader(images, torch.arange(8) % 3, 4, [0.5] * 3, [0.25] * 3, 4,
-                                   train=False)
-        refused = RuntimeError("User specified an unsupported autocast device_type 'mps'")
-        with mock.patch.object(torch, 'autocast', side_effect=refused):
-            trainer.epoch_train(loader)
-            trainer.epoch_valid(loader)
+        self.assertIsInstance(trainer.amp.autocast(), contextlib.nullcontext)
+        self.assertIsInstance(speed.autocast(torch.device('mps'), None), contextlib.nullcontext)
 
 
 class PrecisionTest(unittest.TestCase):
-    """--precision auto on each kind of machine, with the device queries mocked."""
-
-    def choose(self, name, device, capability=(8, 0), cpu_bf16=True):
-        with mock.patch.object(torch.cuda, 'get_device_capability', return_value=capability), \
-                mock.patch.object(speed, 'cpu_has_native_bf16', return_value=cpu_bf16), \
-                mock.patch.object(speed, 'autocast_works', return_value=True):
-            return speed.choose_precision(name, torch.device(device))
+    """--precision on each kind of machine: what speed.pick_precision makes of the device."""
 
     def test_auto(self):
-        self.assertEqual(self.choose('auto', 'cuda', (8, 0)), torch.bfloat16)  # A100
-        self.assertEqual(self.choose('auto', 'cuda', (9, 0)), torch.bfloat16)  # H100
+        pick = speed.pick_precision
+        self.assertEqual(pick('auto', 'cuda', (8, 0)), torch.bfloat16)  # A100
+        self.assertEqual(pick('auto', 'cuda', (9, 0)), torch.bfloat16)  # H100
         # T4 and V100: torch.cuda.is_bf16_supported() says True there (emulation); fp16.
-        with mock.patch.object(torch.cuda, 'is_bf16_supported', return_value=True):
-            self.assertEqual(self.choose('auto', 'cuda', (7, 5)), torch.float16)
-            self.assertEqual(self.choose('auto', 'cuda', (7, 0)), torch.float16)
-        self.assertEqual(self.choose('auto', 'cpu', cpu_bf16=True), torch.bfloat16)
-        self.assertIsNone(self.choose('auto', 'cpu', cpu_bf16=False))
-        self.assertIsNone(self.choose('auto', 'mps'))
+        self.assertEqual(pick('auto', 'cuda', (7, 5)), torch.float16)
+        self.assertEqual(pick('auto', 'cuda', (7, 0)), torch.float16)
+        self.assertEqual(pick('auto', 'cpu', cpu_bf16=True), torch.bfloat16)
+        self.assertIsNone(pick('auto', 'cpu', cpu_bf16=False))
+        self.assertIsNone(pick('auto', 'mps'))
+        self.assertEqual(speed.choose_precision('auto', CPU),
+                         torch.bfloat16 if speed.cpu_has_native_bf16() else None)
 
     def test_an_explicit_precision_wins_unless_the_device_cannot(self):
-        self.assertIsNone(self.choose('fp32', 'cuda', (9, 0)))
-        self.assertEqual(self.choose('fp16', 'cuda', (9, 0)), torch.float16)
-        self.assertEqual(self.choose('bf16', 'cpu', cpu_bf16=False), torch.bfloat16)
-        self.assertEqual(self.choose('fp16', 'cpu'), torch.float16)
+        pick = speed.pick_precision
+        self.assertIsNone(pick('fp32', 'cuda', (9, 0)))
+        self.assertEqual(pick('fp16', 'cuda', (9, 0)), torch.float16)
+        self.assertEqual(pick('bf16', 'cpu', cpu_bf16=False), torch.bfloat16)
+        self.assertEqual(pick('fp16', 'cpu'), torch.float16)
         with self.assertRaisesRegex(speed.UsageError, 'capability 7.5.*--precision fp16'):
-            self.choose('bf16', 'cuda', (7, 5))
-        with mock.patch.object(speed, 'autocast_works', return_value=False), \
-                self.assertRaisesRegex(speed.UsageError, 'cannot compute in fp16 on cpu'):
-            speed.choose_precision('fp16', torch.device('cpu'))
+            pick('bf16', 'cuda', (7, 5))
+        self.assertEqual(speed.choose_precision('bf16', CPU), torch.bfloat16)
 
     def test_autocast_works_asks_torch(self):
-        cpu = torch.device('cpu')
-        self.assertTrue(speed.autocast_works(cpu, torch.bfloat16))  # every torch it supports
-        refused = RuntimeError("User specified an unsupported autocast device_type 'mps'")
-        with mock.patch.object(torch, 'autocast', side_effect=refused):
-            self.assertFalse(speed.autocast_works(cpu, torch.float16))
-        # An old CPU build turns fp16 autocast off (a warning) and computes in fp32.
-        with mock.patch.object(torch, 'autocast', return_value=contextlib.nullcontext()):
-            self.assertFalse(speed.autocast_works(cpu, torch.float16))
+        self.assertTrue(speed.autocast_works(CPU, torch.bfloat16))  # every torch it supports
+        # A dtype CPU autocast does not do: torch turns it off (a warning) and computes in fp32.
+        self.assertFalse(speed.autocast_works(CPU, torch.float64))
 
     def test_cpu_bf16_from_the_cpu_flags(self):
         # Where torch cannot say (its private functions are missing), /proc/cpuinfo's flags.
-        with tempfile.TemporaryDirectory() as tmp, \
-                mock.patch.object(torch, 'cpu', types.SimpleNamespace()):
+        with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp, 'cpuinfo')
             for flags, expected in (('fpu avx512f avx512_bf16 sse', True),
                                     ('fpu amx_bf16 amx_tile', True),
                                     ('fpu avx2 avx512f avx512bw', False)):
                 path.write_text(f'processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\n')
-                self.assertEqual(speed.cpu_has_native_bf16(path), expected, flags)
-            self.assertFalse(speed.cpu_has_native_bf16(Path(tmp, 'missing')))  # not Linux
-        with mock.patch.object(torch.cpu, '_is_avx512_bf16_supported', create=True,
-                               return_value=True):
-            self.assertTrue(speed.cpu_has_native_bf16('/nonexistent'))
+                self.assertEqual(speed.cpu_flags_have_bf16(path), expected, flags)
+            self.assertFalse(speed.cpu_flags_have_bf16(Path(tmp, 'missing')))  # not Linux
 
     def test_one_pixel_route_under_bf16(self):
         # Under CPU bf16 autocast the route still computes nn.Conv2d's outputs and gradients,
@@ -238,3 +219,93 @@ class PrecisionTest(unittest.TestCase):
                 results.append([out.float(), xi.grad, conv.weight.grad])
             for a, b in zip(*results):
                 torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * a.abs().max().item())
+
+
+class BenchmarkTest(unittest.TestCase):
+
+    def test_quick_benchmark_runs(self):
+        import benchmark
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp, 'bench.json')
+            with contextlib.redirect_stdout(io.StringIO()) as out:
+                code = benchmark.main(['--quick', '--device', 'cpu', '--json', str(path)])
+            self.assertEqual(code, 0)
+            result = json.loads(path.read_text())
+        self.assertIn('efficiency', out.getvalue())
+        self.assertIn("the article's ResNet18 as written", out.getvalue())
+        models = {r['model'] for r in result['results']}
+        self.assertEqual(models, {'resnet18', 'resnet18-small', 'alexnet', 'resnet18-article'})
+        for r in result['results']:
+            for key in ('step_img_s', 'epoch_img_s', 'eval_img_s', 'efficiency'):
+                self.assertGreater(r[key], 0, (r['model'], key))
+        for key in ('pil_224_img_s', 'tensor_224_img_s', 'tensor_32_img_s', 'stream_32_img_s',
+                    'stream_224_img_s'):
+            self.assertGreater(result['data_path'][key], 0)
+
+    def test_a_failed_row_is_reported_and_the_others_still_run(self):
+        import benchmark
+
+        def measure(name, *args, **kwargs):  # AlexNet's row runs out of memory
+            if name == 'alexnet':
+                raise RuntimeError('CUDA out of memory. Tried to allocate\n(details)')
+            return {'model': name, 'px': 32, 'batch': 8, 'precision': 'fp32', 'launch': 'eager',
+                    'step_img_s': 2.0, 'epoch_img_s': 1.0, 'efficiency': 0.5, 'eval_img_s': 3.0}
+
+        rows = benchmark.configs('cpu', True, None)
+        with mock.patch.object(benchmark, 'measure', measure), \
+                contextlib.redirect_stdout(io.StringIO()) as out:
+            results, failed = benchmark.run_rows(rows, CPU, 1, 1, types.SimpleNamespace(
+                steps=1, quick=True))
+        self.assertEqual(failed, ['alexnet'])
+        self.assertIn('failed: CUDA out of memory. Tried to allocate', out.getvalue())
+        self.assertEqual([r['model'] for r in results], ['resnet18', 'resnet18-small',
+                                                         'resnet18-article'])
+
+    def test_whole_rows_replay_the_whole_step(self):
+        # On CUDA, the 'whole' rows time train.py's default step; here its CPU stand-in.
+        import benchmark
+        made = []
+
+        class Made(EagerGraphedStep):
+            def __init__(self, step, model, optimizer, scaler, inputs, targets):
+                made.append(tuple(inputs.shape))
+                super().__init__(step, model, optimizer, scaler, inputs, targets)
+
+        with mock.patch.object(graphs, 'GraphedStep', Made):
+            r = benchmark.measure('resnet18', 16, 4, torch.device('cpu'), 'fp32', 2, 1, 'whole',
+                                  warmup=0)
+        self.assertEqual(made, [(4, 3, 16, 16)])
+        self.assertEqual((r['launch'], r['precision']), ('whole', 'fp32'))
+        self.assertGreater(r['efficiency'], 0)
+
+    def test_the_rows_follow_what_train_py_runs(self):
+        # A GPU with fp16 only: train.py falls back to the model's graphs there, so there is
+        # no fp16 'whole' row (only the fp32 one). On a CPU, bf16 rows where train.py's auto
+        # would pick bf16, and the one-pixel route timed against no route in each precision.
+        import benchmark
+        for auto, whole in ((torch.bfloat16, ['auto', 'fp32']), (torch.float16, ['fp32'])):
+            rows = benchmark.configs('cuda', False, auto)
+            self.assertEqual([r[3] for r in rows if r[4] == 'whole'], whole, auto)
+            self.assertIn(('resnet18', 32, 512, 'auto', 'graph'), rows)
+        for auto, precisions in ((torch.bfloat16, {'fp32', 'bf16'}), (None, {'fp32'})):
+            rows = benchmark.configs('cpu', False, auto)
+            self.assertEqual({r[3] for r in rows}, precisions)
+            self.assertEqual({r[3] for r in rows if r[4] == 'no-route'}, precisions)
+
+    def test_article_specimen_has_the_article_bugs(self):
+        # The specimen the benchmark times is the article's network: 3 blocks a stage, no
+        # downsampling, biased convs. The checks that pin those bugs fail on it.
+        import benchmark
+        model = benchmark.article_resnet18(10).eval()
+        self.assertEqual([len(s) for s in (model.layer1, model.layer2, model.layer3,
+                                           model.layer4)], [3, 3, 3, 3])
+        self.assertIsNotNone(model.layer2[0].conv1.bias)
+        sizes = []
+        model.layer4.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1]))
+        with torch.no_grad():
+            model(torch.zeros(1, 3, 224, 224))
+        self.assertEqual(sizes, [56])  # the fixed network is at 7 here
+
+
+if __name__ == '__main__':
+    unittest.main()

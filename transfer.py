@@ -82,6 +82,13 @@ class Start(NamedTuple):
     lr_factor: float
     classes: Optional[list] = None
 
+    def load(self, model, classes, freeze, lr):
+        """Load these weights into model, and with `freeze`, freeze all but its head; return
+        the optimizer's parameter groups (parameter_groups)."""
+        new = load_start(model, self, classes)
+        return parameter_groups(model, freeze_all_but_head(model) if freeze else new, lr,
+                                self.lr_factor)
+
 
 def read_start(model_name, pretrained=None, init=None):
     """The weights --pretrained or --init name, read before the data so that a missing file
@@ -106,14 +113,6 @@ def load_start(model, start, classes):
     head's for ImageNet's weights or another set of classes, else none."""
     same = start.classes is not None and list(start.classes) == list(classes)
     return start_from(model, start.state, f'the weights of {start.name}', same_classes=same)
-
-
-def load(model, start, classes, freeze, lr):
-    """Load the Start into model, and with `freeze`, freeze all but its head; return the
-    optimizer's parameter groups (parameter_groups)."""
-    new = load_start(model, start, classes)
-    return parameter_groups(model, freeze_all_but_head(model) if freeze else new, lr,
-                            start.lr_factor)
 
 
 def freeze_all_but_head(model):
