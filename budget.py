@@ -6,7 +6,6 @@ steps that fit, and follows the plan as the run goes, every few seconds, so that
 guess or a machine that slows down is put right while there is time to use. Decaying linearly
 to 0 at the end does best under a fixed budget (Li, Yumer and Ramanan, "Budgeted Training").
 """
-import itertools
 import math
 import time
 
@@ -192,16 +191,15 @@ class Budget:
 
 def seconds_per_step(step, model, optimizer, scaler, batches, evaluate, eval_batch, steps=4,
                      warmup=2):
-    """How long step(inputs, targets) takes, the mean of `steps` calls after `warmup` more, and
-    how long evaluate([eval_batch]) takes an image, the second of two calls. Everything the
-    calls change is put back: the weights and buffers, the optimizer's momentum (none yet),
-    the loss scaler and the random generators."""
+    """How long step(inputs, targets) takes on the first of `batches`, the mean of `steps` calls
+    after `warmup` more, and how long evaluate([eval_batch]) takes an image, the second of two
+    calls. Everything the calls change is put back: the weights and buffers, the optimizer's
+    momentum (none yet), the loss scaler and the random generators."""
     saved = [t.detach().clone() for t in (*model.parameters(), *model.buffers())]
-    scale = scaler.state_dict()
+    scale, (inputs, targets) = scaler.state_dict(), next(iter(batches))
     device = saved[0].device
     with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
-        for i, (inputs, targets) in enumerate(itertools.islice(itertools.cycle(batches),
-                                                               warmup + steps)):
+        for i in range(warmup + steps):
             if i == warmup:
                 speed.sync(device)
                 t0 = time.perf_counter()

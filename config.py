@@ -6,8 +6,6 @@ ResNet18 train well on 32 px CIFAR-10 in 30 epochs (README, "Set up and run").
 
 # Data
 DATA_ROOT = './data'          # where CIFAR-10 is downloaded (or cifar-10-python.tar.gz is placed)
-DATA_DIR = None               # an ImageFolder tree (DIR/train, DIR/test) instead of CIFAR-10
-STREAM = False                # decode the folder every epoch, not once: for one too large to hold
 IMAGE_SIZE = 32               # px fed to the model; the article resized to 224 (49x the compute)
 ALEXNET_IMAGE_SIZE = 67       # px fed to AlexNet: the smallest it takes (AlexNet.MIN_INPUT_SIZE)
 CROP_PADDING = 4              # random crop: reflect-pad by this many px, crop back to size
@@ -18,8 +16,6 @@ TEST_SEED = 0                 # draws them: the same test images whatever --seed
 
 # Model
 MODEL = 'resnet18'            # the network to train
-SMALL_INPUT = False           # ResNet stem for small images: 3x3/1 conv, no max-pool
-PLAIN = False                 # build the ResNet without its shortcuts (the paper's plain net)
 
 # Optimisation: the fixed recipe (--recipe fixed, the default)
 RECIPE = 'fixed'              # fixed | article | article+FIX+...: README, "What the recipe buys"

@@ -21,18 +21,13 @@ from PIL import Image, ImageOps
 import config
 from errors import UsageError
 
-CIFAR10_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
 # The file types of torchvision's ImageFolder, listed here so that an image folder is read
 # without importing torchvision (seconds of start-up on a small CPU).
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
-MEMORY_HEADROOM = 2**30  # bytes of RAM (and GPU memory) kept for the model beside the images
 
 
-class Split(collections.namedtuple('Split', 'images labels')):
-    """images: (N, 3, H, W) uint8 (or stream.ImageFiles); labels: (N,) int64."""
-
-    def take(self, idx):
-        return Split(self.images[idx], self.labels[idx])
+# A split of a data set: images, (N, 3, H, W) uint8 (or stream.ImageFiles), and labels, (N,).
+Split = collections.namedtuple('Split', 'images labels')
 
 
 class Data(collections.namedtuple('Data', 'train test classes test_split download_seconds '
@@ -57,8 +52,9 @@ class Data(collections.namedtuple('Data', 'train test classes test_split downloa
         the validation images, which choose the best epoch. Article: it validated on the test
         set and kept the epoch best there, so its figure was chosen on the images it was
         measured on. The test images are measured once, at the end."""
-        train, valid = split_valid(self.train.labels, fraction, seed)
-        return self._replace(train=self.train.take(train), valid=self.train.take(valid))
+        train, valid = (Split(self.train.images[i], self.train.labels[i])
+                        for i in split_valid(self.train.labels, fraction, seed))
+        return self._replace(train=train, valid=valid)
 
     def summary(self, image_size, seconds):
         """What the run trains on, in a line."""
@@ -82,7 +78,7 @@ def load_cifar10(root):
     except Exception as e:  # offline, refused, truncated archive, ...
         raise UsageError(
             f'could not get CIFAR-10 into {root} ({type(e).__name__}: {e}); without internet, '
-            f'fetch {CIFAR10_URL} on another machine, put cifar-10-python.tar.gz in {root} '
+            f'fetch https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz on another machine, put cifar-10-python.tar.gz in {root} '
             f'and run again, or train on an image folder with --data DIR') from None
 
     def split(ds):  # (N, 32, 32, 3) uint8 array -> (N, 3, 32, 32) tensor
@@ -243,7 +239,7 @@ def held_size(probe, image_size):
     return w if w == h and w <= image_size else image_size
 
 
-def memory_shortfall(n_images, size, free, headroom=MEMORY_HEADROOM):
+def memory_shortfall(n_images, size, free, headroom=2**30):
     """None when the images, held as one uint8 tensor, fit in each place of `free` (free_memory)
     with `headroom` bytes left over for the model and its activations; otherwise a sentence
     saying what they need."""
@@ -257,26 +253,19 @@ def memory_shortfall(n_images, size, free, headroom=MEMORY_HEADROOM):
 
 
 def free_memory(device=None):
-    """[(place, bytes free or None where unknown)]: the RAM the images are decoded into and, on
-    CUDA, the GPU memory they are copied to."""
-    gpu = [('GPU memory', torch.cuda.mem_get_info(device)[0])] if device is not None and \
-        device.type == 'cuda' else []
-    return [('RAM', available_ram())] + gpu
-
-
-def available_ram():
-    """Bytes of RAM this process can still take, on Linux (the least of what the system and,
-    where it sets a limit, its container allow); None elsewhere."""
+    """[(place, bytes free or None where unknown)]: the RAM the images are decoded into (on
+    Linux, the least of what the system and, where it sets a limit, its container allow) and,
+    on CUDA, the GPU memory they are copied to."""
+    ram = None
     try:
         with open('/proc/meminfo') as f:
-            free = int(dict(line.split(':', 1) for line in f)['MemAvailable'].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
-    try:  # a container's limit (cgroup v2), where one is set
+            ram = int(dict(line.split(':', 1) for line in f)['MemAvailable'].split()[0]) * 1024
         with open('/sys/fs/cgroup/memory.max') as f1, open('/sys/fs/cgroup/memory.current') as f2:
-            return min(free, int(f1.read()) - int(f2.read()))
-    except (OSError, ValueError):  # no such cgroup, or 'max' (no limit)
-        return free
+            ram = min(ram, int(f1.read()) - int(f2.read()))  # a container's limit (cgroup v2)
+    except (OSError, KeyError, ValueError):  # not Linux, or no limit: memory.max says 'max'
+        pass
+    on_cuda = device is not None and device.type == 'cuda'
+    return [('RAM', ram)] + ([('GPU memory', torch.cuda.mem_get_info(device)[0])] if on_cuda else [])
 
 
 def channel_stats(images, chunk=4096):
@@ -332,18 +321,11 @@ class TensorLoader:
     def __init__(self, images, labels, batch_size, mean, std, image_size, train,
                  seed=0, padding=config.CROP_PADDING, memory_format=torch.contiguous_format,
                  augment=True, device=None):
-        self.images = images                    # (N, C, H, W) uint8, on the device
-        self.device = device or images.device
-        self.labels = labels.to(self.device)    # (N,) int64
-        self.batch_size = batch_size
-        self.image_size = image_size
-        self.train = train
-        self.augment = augment
-        self.seed = seed
-        self.epoch = 0
-        h, w = images.shape[-2:]
-        self.padding = min(padding, h - 1, w - 1)
-        self.memory_format = memory_format
+        self.images, self.device = images, device or images.device  # (N, C, H, W) uint8
+        self.labels = labels.to(self.device)  # (N,) int64
+        self.batch_size, self.image_size, self.memory_format = batch_size, image_size, memory_format
+        self.train, self.augment, self.seed, self.epoch = train, augment, seed, 0
+        self.padding = min(padding, *(s - 1 for s in images.shape[-2:]))
         # On the CPU, resize the uint8 channels-last batch (much faster there than resizing
         # floats); elsewhere resize after the float conversion (GPUs resize floats only).
         self.resize_uint8 = self.device.type == 'cpu'

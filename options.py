@@ -97,11 +97,11 @@ def build_parser():
         description='Train ResNet18 (or another model) on CIFAR-10 or an image folder.',
         epilog='The fixes a --recipe can add to the article\'s: ' + '; '.join(
             f'{name}: {what}' for name, what in FIXES.items()) + '.')
-    p.add_argument('--data', default=config.DATA_DIR, metavar='DIR',
+    p.add_argument('--data', metavar='DIR',
                    help='ImageFolder tree DIR/train/<class>/*, DIR/test/<class>/* '
                         f'(default: CIFAR-10, downloaded into {config.DATA_ROOT}); a folder of '
                         f'class folders alone gives some of each class\'s images as test images')
-    p.add_argument('--stream', action='store_true', default=config.STREAM,
+    p.add_argument('--stream', action='store_true',
                    help='decode the image folder in worker processes in every epoch instead '
                         'of holding it in memory: for a folder too large for it')
     p.add_argument('--valid-split', type=fraction, default=config.VALID_SPLIT,
@@ -150,9 +150,9 @@ def build_parser():
                         f'for --init\'s)')
     p.add_argument('--model', choices=MODELS, default=config.MODEL, metavar='MODEL',
                    help=f'network to train: {", ".join(MODELS)} (default: %(default)s)')
-    p.add_argument('--small-input', action='store_true', default=config.SMALL_INPUT,
+    p.add_argument('--small-input', action='store_true',
                    help='ResNet18/34/50 stem for small images: 3x3/1 conv, no max-pool')
-    p.add_argument('--plain', action='store_true', default=config.PLAIN,
+    p.add_argument('--plain', action='store_true',
                    help='build the ResNet without its shortcuts: the paper\'s plain network')
     add_device_argument(p)
     p.add_argument('--precision', choices=['auto', *speed.PRECISIONS], default=config.PRECISION,
@@ -176,12 +176,6 @@ def build_parser():
                    default=config.SAVE_EVERY, metavar='SECONDS',
                    help='seconds between writes of weights and checkpoint (default: %(default)s)')
     return p
-
-
-def parse(argv=None):
-    """The command line, and the device it names."""
-    args = parse_args(argv)
-    return args, pick_device(args.device)
 
 
 def parse_args(argv=None):

@@ -6,8 +6,6 @@ and weight.png hold the epochs; weight.ckpt holds what --resume needs. One run w
 weights already there are never overwritten.
 """
 import collections
-import csv
-import io
 import json
 import os
 from pathlib import Path
@@ -38,15 +36,6 @@ def save_torch(obj, path):
 
 def save_text(text, path):
     atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def read_json(path):
-    """The JSON object in path, or None when it is missing, unreadable or not an object."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def begin(out, resume=False):
@@ -143,15 +132,16 @@ class Run:
         self.out.with_suffix('.ckpt').unlink(missing_ok=True)
 
 
-NEEDED = ('args', 'classes', 'held_size', 'mean', 'std')  # to prepare an image for the weights
-
-
 def read_record(weights):
-    """weight.json of the weights at path `weights` (train.weight_record), as a dict; one
-    sentence when it is missing, unreadable or does not say how to prepare an image."""
+    """weight.json of the weights at path `weights` (record()), as a dict; one sentence when it
+    is missing, unreadable or does not say how to prepare an image."""
     path = Path(weights).with_suffix('.json')
-    record = read_json(path)
-    if record is None or not all(k in record for k in NEEDED):
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        record = None
+    if not isinstance(record, dict) or not all(k in record for k in (
+            'args', 'classes', 'held_size', 'mean', 'std')):  # to prepare an image for them
         raise UsageError(f'{weights} has no readable {path.name} beside it, which says what the '
                          f'weights are and how to prepare an image (it is missing or '
                          f'unreadable); keep the one train.py wrote with them, or retrain')
@@ -159,12 +149,10 @@ def read_record(weights):
 
 
 def save_history(history, out):
-    """The epochs' rows as weight.csv, and as curves in weight.png where matplotlib is."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
-    writer.writeheader()
-    writer.writerows(history)
-    save_text(buf.getvalue(), Path(out).with_suffix('.csv'))
+    """The epochs' rows as weight.csv (a value that is None left empty), and as curves in
+    weight.png where matplotlib is."""
+    rows = [list(history[0])] + [['' if v is None else v for v in h.values()] for h in history]
+    save_text(''.join(','.join(map(str, row)) + '\n' for row in rows), Path(out).with_suffix('.csv'))
     save_plot(history, Path(out).with_suffix('.png'))
 
 
@@ -216,9 +204,6 @@ def load_into(model, state, path, what,
                          f'{advice}') from None
 
 
-CHECKPOINT_KEYS = ('epoch', 'args', 'history', 'model', 'optimizer', 'scheduler', 'scaler', 'rng')
-
-
 def load_checkpoint(path):
     """The checkpoint at path, with a clear error for a missing, unreadable or incomplete one."""
     if not path.is_file():
@@ -227,7 +212,8 @@ def load_checkpoint(path):
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception:  # truncated, or not a file torch.save wrote
         ckpt = None
-    if not isinstance(ckpt, dict) or not all(k in ckpt for k in CHECKPOINT_KEYS):
+    if not isinstance(ckpt, dict) or not all(k in ckpt for k in (
+            'epoch', 'args', 'history', 'model', 'optimizer', 'scheduler', 'scaler', 'rng')):
         raise UsageError(f'{path} is not a readable checkpoint of train.py (it may be truncated); '
                          f'to start over, move the files beside it away')
     if 'taken' not in ckpt['scheduler']:

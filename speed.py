@@ -150,23 +150,14 @@ class OnePixelConv2d(nn.Conv2d):
 ONE_PIXEL_ROUTE = '1x1-output convs as matrix products'  # for the run's header
 
 
-def route_one_pixel_convs(model):
-    """Give every nn.Conv2d of model OnePixelConv2d's forward, in place, and return model.
-
-    Only the class changes (as torch.nn.utils.parametrize also does): the module keeps its
-    parameters, names and hooks, so the state_dict, and weight.pth, stay a plain model's.
-    """
-    for m in model.modules():
-        if type(m) is nn.Conv2d:
-            m.__class__ = OnePixelConv2d
-    return model
-
-
 def prepare_model(model, device):
-    """The model on device, in its fastest memory format; on the CPU, with the one-pixel route
-    (printing the model shows OnePixelConv2d where nn.Conv2d was)."""
-    if device.type == 'cpu':
-        route_one_pixel_convs(model)
+    """The model on device, in its fastest memory format; on the CPU, every nn.Conv2d given
+    OnePixelConv2d's forward, in place (printing the model shows OnePixelConv2d). Only the class
+    changes, as torch.nn.utils.parametrize also does: the module keeps its parameters, names
+    and hooks, so the state_dict, and weight.pth, stay a plain model's."""
+    for m in model.modules():
+        if device.type == 'cpu' and type(m) is nn.Conv2d:
+            m.__class__ = OnePixelConv2d
     return model.to(device, memory_format=memory_format(device))
 
 

@@ -314,7 +314,7 @@ class TrainTest(ColourFolderCase):
         self.assertFalse(any(b.shortcut for b in model.modules() if hasattr(b, 'shortcut')))
 
     def test_a_folder_too_large_for_memory_is_one_sentence_and_streams(self):
-        with mock.patch.object(data, 'available_ram', return_value=2**30 + 100):
+        with mock.patch.object(data, 'free_memory', return_value=[('RAM', 2**30 + 100)]):
             code, out, err = self.train()
         self.assertEqual((code, err.count('\n')), (2, 1), err)
         self.assertIn('held at 8 px they need 0.0 GiB of RAM, and 1.0 GiB is free', err)

@@ -196,10 +196,10 @@ def build_loaders(data, s, device):
 # ----------------------------------------------------------------------------------------------
 # The article's __main__.
 
-def train(args, device):
+def train(args):
     """The data, the model, the optimizer, the loaders and the Trainer, then the epochs and the
     one look at the test set; returns the exit code."""
-    out = Path(args.out)
+    out, device = Path(args.out), options.pick_device(args.device)
     checkpoint = saving.begin(out, args.resume)  # a new run's --out, or the run to go on with
     if checkpoint:
         args = options.resumed(args, checkpoint['args'])
@@ -322,7 +322,7 @@ def main(argv=None):
     # Article: full fp32. TF32 matrix products on GPUs from Ampere on (no effect on the CPU).
     torch.set_float32_matmul_precision('high')
     # A problem the user can fix (an argument, the data, a file): one sentence.
-    return errors.guarded(lambda: train(*options.parse(argv)))
+    return errors.guarded(lambda: train(options.parse_args(argv)))
 
 
 if __name__ == '__main__':

@@ -5,6 +5,7 @@ TORCH_HOME's cache), or such a file by path; --init takes a weight.pth of the sa
 last layer (the head, fc) is new when the classes differ. --freeze trains the head alone; without
 it every layer trains, those that came with the weights at a smaller lr (config.py's factors).
 """
+import json
 import re
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -100,7 +101,10 @@ def read_start(model_name, pretrained=None, init=None):
     if init:
         path = Path(init)
         state = saving.load_weights(path)
-        was = saving.read_json(path.with_suffix('.json')) or {}
+        try:  # the weight.json train.py wrote beside them, if it is there
+            was = json.loads(path.with_suffix('.json').read_text())
+        except (OSError, ValueError):
+            was = {}
         model = was.get('args', {}).get('model', model_name)
         if model != model_name:
             raise UsageError(f'{path} holds a {model}; pass --model {model}')
