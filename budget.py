@@ -126,67 +126,49 @@ class Budget:
         self.seconds, self.deadline = 60 * minutes, start + 60 * minutes
         self.per_epoch, self.n_valid, self.n_test = per_epoch, n_valid, n_test
         self.every = min(EVERY, 0.02 * self.seconds)
-        self.gaps = []  # the seconds between two epochs' steps: a validation, the saves
 
     def first_plan(self, step_seconds, per_image, taken=0):
-        """The steps in all (`taken` and more) that fit, from the time of one and of an image
-        evaluated: each epoch's and its validation, then the test; fewer than an epoch's, if
-        that is all that fits. One sentence when not one does."""
+        """The steps in all (`taken` and more) that fit, from the seconds of a step and of an
+        image evaluated; fewer than an epoch's, if that is all that fits. One sentence when not
+        one does."""
         self.step_seconds, self.per_image, self.last = step_seconds, per_image, None
-        steps = self.fit(taken, MARGIN)
+        steps = self.fit(MARGIN)
         if steps == 0:
             started = time.monotonic() - self.deadline + self.seconds
-            least = step_seconds + self.valid_seconds() + self.test_seconds()
+            least = step_seconds + (self.n_valid + self.n_test) * per_image + EXIT_SECONDS
             raise UsageError(f'--minutes {self.seconds / 60:g} is too short to train: starting '
                              f'took {started:.0f} s, and a step, a validation and the test '
                              f'would take about {least:.0f} s more; give --minutes '
                              f'{math.ceil((started + least) / (1 - MARGIN) / 6) / 10:g} or more')
         return taken + steps
 
-    def valid_seconds(self):
-        return sum(self.gaps) / len(self.gaps) if self.gaps else self.n_valid * self.per_image
-
-    def test_seconds(self):
-        per_image = self.valid_seconds() / self.n_valid if self.gaps and self.n_valid else \
-            self.per_image
-        return self.n_test * per_image + EXIT_SECONDS
-
-    def fit(self, taken, margin):
-        """How many steps after `taken` fit before the deadline with `margin` of the budget
-        kept back: each step, the validation at each epoch's end, then the test."""
-        left = self.deadline - time.monotonic() - self.test_seconds() - margin * self.seconds
-
-        def cost(k):  # k more steps, and the validations of the epochs they end
-            ends = math.ceil((taken + k) / self.per_epoch) - taken // self.per_epoch if k else 0
-            return k * self.step_seconds + ends * self.valid_seconds()
-
-        fits, too_many = 0, max(0, int(left / self.step_seconds)) + 1
-        while too_many - fits > 1:
-            mid = (fits + too_many) // 2
-            fits, too_many = (mid, too_many) if cost(mid) <= left else (fits, mid)
-        return fits
+    def fit(self, margin):
+        """How many more steps fit before the deadline with `margin` of the budget kept back:
+        each step with its share of the validation at its epoch's end (the epoch under way's in
+        full), then the test and the exit."""
+        valid = self.n_valid * self.per_image
+        left = self.deadline - time.monotonic() - margin * self.seconds - valid - \
+            self.n_test * self.per_image - EXIT_SECONDS
+        return max(0, int(left / (self.step_seconds + valid / self.per_epoch)))
 
     def follow(self, schedule):
-        """After each step: note its time (a step that begins an epoch also waited for the last
-        one's validation), and every few seconds fit the plan to the time left, each step as
-        long as those since the last few fittings. The plan shrinks once it no longer fits, to
+        """After each step: time the steps since the last fitting, and every few seconds fit the
+        plan to the time left. A step that began an epoch also waited for the last one's
+        validation, which times an image evaluated. The plan shrinks once it no longer fits, to
         what fits with the margin kept, and grows only once GROW more of it fits: the lr does
         not go to and fro."""
         now, taken = time.monotonic(), schedule.taken
-        if self.last is None:  # the first step: timed from its end
-            self.last, self.marks = now, [(now, taken, 0.0)]
-            return
-        if (taken - 1) % self.per_epoch == 0:  # it began an epoch, after a validation
-            self.gaps.append(max(0.0, now - self.last - self.step_seconds))
+        if self.last is None or (taken - 1) % self.per_epoch == 0:  # the run's or an epoch's
+            if self.last is not None and self.n_valid:                # first step
+                self.per_image = max(0.0, now - self.last - self.step_seconds) / self.n_valid
+            self.mark = (now, taken)
         self.last = now
-        if now - self.marks[-1][0] < self.every:
-            return
-        then, before, gaps = self.marks[max(0, len(self.marks) - 4)]
-        self.step_seconds = (now - then - sum(self.gaps) + gaps) / (taken - before)
-        self.marks.append((now, taken, sum(self.gaps)))
-        planned, fits = schedule.steps_left(), self.fit(taken, MARGIN)
-        if self.fit(taken, 0) < planned or fits - planned >= GROW * schedule.total:
-            schedule.refit(taken + fits)
+        if now - self.mark[0] >= self.every:
+            self.step_seconds = (now - self.mark[0]) / (taken - self.mark[1])
+            self.mark = (now, taken)
+            planned, fits = schedule.steps_left(), self.fit(MARGIN)
+            if self.fit(0) < planned or fits - planned >= GROW * schedule.total:
+                schedule.refit(taken + fits)
 
 
 def seconds_per_step(step, model, optimizer, scaler, batches, evaluate, eval_batch, steps=4,

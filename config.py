@@ -42,6 +42,8 @@ TRAIN_DEFAULTS = {
 }
 WARMUP = 0.2                  # fraction of the steps spent rising linearly to the peak lr
 MIN_WARMUP_STEPS = {'alexnet': 100}  # the fewest steps to the peak lr (budget.Schedule)
+CLIP_GRAD_NORM = {'alexnet': 2.0}  # the most a step's gradient norm may be (no BatchNorm)
+FLIPS = False                 # evaluate each image and its mirror image, their scores averaged
 MOMENTUM = 0.9                # SGD momentum (Nesterov)
 WEIGHT_DECAY = 5e-4           # L2 penalty on every parameter
 LABEL_SMOOTHING = 0.1         # soften the one-hot targets of the loss

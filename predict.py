@@ -50,6 +50,12 @@ def describe(record):
     return options.describe(a['model'], a['small_input'], a['plain'])
 
 
+def flips_of(record):
+    """Whether the run evaluated each image with its mirror image (weight.json; not recorded
+    before it could)."""
+    return record['args'].get('flips', False)
+
+
 def image_files(paths):
     """Each path that is a file, and the images of each folder (any depth, sorted)."""
     files = []
@@ -82,11 +88,12 @@ def loader_args(record, device, batch_size=config.EVAL_BATCH_SIZE):
 
 
 @torch.no_grad()
-def batch_probabilities(loader, model, device, amp_dtype):
-    """Yield each batch's inputs as fed and their class probabilities, (B, num_classes)."""
+def batch_probabilities(loader, model, device, amp_dtype, flips=False):
+    """Yield each batch's inputs as fed and their class probabilities, (B, num_classes), as
+    evaluation sees them (flips: train.logits)."""
     for inputs, _ in loader:
         with speed.autocast(device, amp_dtype):
-            logits = model(inputs)
+            logits = train.logits(model, inputs, flips)
         # Article: its AlexNet took the softmax over the batch (dim=0), not over the classes.
         yield inputs, logits.float().softmax(dim=1)
 
@@ -94,7 +101,7 @@ def batch_probabilities(loader, model, device, amp_dtype):
 def probabilities(files, model, record, device, amp_dtype, workers=0):
     """Yield each file's class probabilities, (num_classes,)."""
     loader = batches(files, record, device, workers)
-    for _, probs in batch_probabilities(loader, model, device, amp_dtype):
+    for _, probs in batch_probabilities(loader, model, device, amp_dtype, flips_of(record)):
         yield from probs.cpu()
 
 
@@ -110,7 +117,7 @@ def write_cams(files, model, record, device, amp_dtype, folder, k):
     names = [f'{Path(f).parent.name}_{s}' if s in repeated else s for f, s in zip(files, stems)]
     written, i = [], 0
     for inputs, probs in batch_probabilities(batches(files, record, device), model, device,
-                                             amp_dtype):
+                                             amp_dtype, flips_of(record)):
         heat = pictures.grad_cam(model, inputs.float(), probs.argmax(dim=1))
         for x, h, p in zip(inputs, heat, probs.cpu()):
             top = p.topk(k)
@@ -143,7 +150,8 @@ def test(args, device):
                          f'but the data has {list(images.classes)}')
     smoothing = options.recipe_values(record['args']['recipe'])['label_smoothing']
     trainer = train.Trainer(model, None, train.build_criterion(smoothing), device,
-                            precision=speed.choose_precision('auto', device))
+                            precision=speed.choose_precision('auto', device),
+                            flips=flips_of(record))
     make = stream.make_loader if args.stream else make_loader
     loader = make(test_x, test_y, **loader_args(record, device, args.batch_size))
     loss, acc = trainer.epoch_valid(loader)
@@ -155,7 +163,8 @@ def test(args, device):
           f'{size} px, loss {loss:.3f})' + (f'; the run measured {record["test_acc"]:.2f}%'
                                             if record.get('test_acc') is not None else ''))
     probs = torch.cat([p.cpu() for _, p in
-                       batch_probabilities(loader, model, device, trainer.amp.dtype)])
+                       batch_probabilities(loader, model, device, trainer.amp.dtype,
+                                           trainer.flips)])
     for line in pictures.write_eval_files(path, trainer.confusion, model, probs,
                                           images.classes, test_x, test_y):
         print(line)

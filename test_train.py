@@ -820,11 +820,12 @@ class BudgetTest(unittest.TestCase):
     def test_the_first_plan_fits_the_timed_steps(self):
         with FakeClock(now=10):  # 10 s gone in starting and reading the data
             plan, f = self.budget(None)
-        # Steps of 0.5 s (of 32 images), the validation of 64 images at 0.4 of a trained one
-        # each; after them 128 test images and the exit, with 3% of the minute kept back.
-        after = 128 * 0.4 * 0.5 / 32 + budget.EXIT_SECONDS
-        self.assertEqual(f.total, int((60 - 10 - after - budget.MARGIN * 60 - 0.4) // 0.5))
-        self.assertEqual(f.total, 90)
+        # Steps of 0.5 s (of 32 images), each with its share of a validation of 64 images at
+        # 0.4 of a trained one each (0.4 s), the epoch under way's in full; after them 128 test
+        # images and the exit, with 3% of the minute kept back.
+        after = 0.4 + 128 * 0.4 * 0.5 / 32 + budget.EXIT_SECONDS
+        self.assertEqual(f.total, int((60 - 10 - after - budget.MARGIN * 60) / (0.5 + 0.4 / 100)))
+        self.assertEqual(f.total, 89)
 
     def test_the_plan_is_corrected_within_an_epoch(self):
         # The steps turn out slower than timed (0.6 s, not 0.5): the plan shrinks while the
@@ -845,8 +846,9 @@ class BudgetTest(unittest.TestCase):
                 clock.now += 0.3
                 f.step()
             self.assertEqual(f.optimizer.param_groups[0]['lr'], 0.0)
-            self.assertLessEqual(clock.now + plan.test_seconds(), 60)
-            self.assertGreaterEqual(clock.now + plan.test_seconds(), 0.9 * 60)
+            after = 0.4 + 128 * plan.per_image + budget.EXIT_SECONDS  # validation, test, exit
+            self.assertLessEqual(clock.now + after, 60)
+            self.assertGreaterEqual(clock.now + after, 0.9 * 60)
 
     def test_the_plan_does_not_jitter(self):
         # Steps that take a little more or less than timed leave the plan as it is.
@@ -864,16 +866,16 @@ class BudgetTest(unittest.TestCase):
             for i in range(30):
                 clock.now += 0.2 + (3.0 if i in (10, 20) else 0)  # the validations: 3 s each
                 f.step()
-            self.assertAlmostEqual(plan.valid_seconds(), 3.0)
+            self.assertAlmostEqual(plan.per_image, 3.0 / 64)  # an image evaluated
             epochs_left = math.ceil(f.steps_left() / 10)
             self.assertLessEqual(clock.now + f.steps_left() * 0.2 + epochs_left * 3.0
-                                 + plan.test_seconds(), 60)
+                                 + 128 * plan.per_image + budget.EXIT_SECONDS, 60)
 
     def test_too_short_a_budget_is_one_sentence(self):
         # A plan shorter than an epoch trains what fits; one without a step is refused.
         with FakeClock(now=9):
             _, f = self.budget(None, minutes=0.25, per_epoch=10)
-            self.assertEqual(f.total, 4)  # 15 s - 9 - 2.8 (test, exit) - 0.45 (margin): 4 steps
+            self.assertEqual(f.total, 4)  # 15 s - 9 - 3.2 (validation, test, exit) - 0.45: 4
             with self.assertRaises(budget.UsageError) as caught:
                 self.budget(None, minutes=0.2, per_epoch=10)
         self.assertEqual(str(caught.exception),
