@@ -35,6 +35,7 @@ class Schedule:
         # The warm-up climbs to `peak`; the decay runs from (anchor, its factor) to (total, 0).
         self.peak = self.anchor_factor = self.warmup / rise if rise else 1.0
         self.anchor = self.warmup if rise else None  # None: constant
+        self.set_lr()  # the first step's
 
     def factor(self, step):
         if self.anchor is None:

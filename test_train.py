@@ -739,8 +739,9 @@ class ScheduleTest(unittest.TestCase):
                                warmup, min_warmup)
 
     def test_lr_schedule_warms_up_then_decays_to_zero(self):
-        # The article used a constant lr of 0.001 (warmup None).
+        # The article used a constant lr of 0.001 (warmup None). The first step's lr is set.
         f = self.schedule(100)
+        self.assertAlmostEqual(f.optimizer.param_groups[0]['lr'], 1 / 20)
         self.assertAlmostEqual(f.factor(0), 1 / 20)
         self.assertAlmostEqual(f.factor(19), 1.0)
         self.assertAlmostEqual(f.factor(60), 0.5)
@@ -1156,6 +1157,36 @@ class TransferTest(ColourFolderCase):
 
 class TrainerTest(unittest.TestCase):
     """The article's Trainer, alone."""
+
+    def test_a_net_without_batchnorm_has_its_gradient_capped(self):
+        # AlexNet (no BatchNorm) diverged in short runs; its gradient's norm is capped at
+        # config.CLIP_GRAD_NORM (a ResNet's is not), before the SGD step that uses it.
+        self.assertEqual([options.settings(options.parse_args(['--model', m]), 45_000).clip
+                          for m in ('alexnet', 'resnet18')],
+                         [config.CLIP_GRAD_NORM['alexnet'], None])
+        for clip in (None, 0.5):
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+            optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+            before = [p.detach().clone() for p in model.parameters()]
+            trainer = train.Trainer(model, optimizer, nn.CrossEntropyLoss(), clip=clip)
+            trainer.train_step(100 * torch.randn(8, 3, 2, 2), torch.arange(8) % 3)
+            norm = torch.cat([(b - p.detach()).flatten() for b, p in
+                              zip(before, model.parameters())]).norm().item()  # lr 1: the step
+            self.assertLessEqual(norm, 0.5 + 1e-5) if clip else self.assertGreater(norm, 1)
+
+    def test_flips_average_each_image_with_its_mirror_image(self):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
+        x = torch.randn(5, 3, 4, 4)
+        torch.testing.assert_close(train.logits(model, x, flips=True),
+                                   (model(x) + model(x.flip(3))) / 2)
+        torch.testing.assert_close(train.logits(model, x), model(x))
+        labels = torch.arange(5) % 3
+        trainer = train.Trainer(model, None, nn.CrossEntropyLoss(), flips=True)
+        loss, _ = trainer.epoch_valid([(x, labels)])
+        self.assertAlmostEqual(loss, nn.functional.cross_entropy(
+            (model(x) + model(x.flip(3))) / 2, labels).item(), places=5)
 
     def test_validation_runs_without_autograd(self):
         model = ResNet18(3)
