@@ -57,6 +57,13 @@ class Schedule:
     def steps_left(self):
         return self.total - self.taken
 
+    def seconds_left(self, per_epoch, epoch_seconds):
+        """The seconds to the run's end: under --minutes, to its deadline; else those of the
+        epochs left, each `epoch_seconds` long."""
+        if self.budget:
+            return self.budget.deadline - time.monotonic()
+        return math.ceil(self.steps_left() / per_epoch) * epoch_seconds
+
     def epoch(self, loader):
         """The loader's batches for one epoch: all of them, or those the plan has left."""
         return loader if self.steps_left() >= len(loader) and not self.budget else \

@@ -156,7 +156,7 @@ def test(args, device):
     loader = make(test_x, test_y, **loader_args(record, device, args.batch_size))
     loss, acc = trainer.epoch_valid(loader)
     print('per-class accuracy:')
-    train.print_class_accuracy(images.classes, trainer.class_accuracy)
+    saving.print_class_accuracy(images.classes, trainer.class_accuracy)
     print('confusion matrix, in images (rows: the true class; columns: the predicted class):')
     print('\n'.join(pictures.confusion_text(trainer.confusion, images.classes)))
     print(f'{path}: test accuracy {acc:.2f}% on {len(test_y):,} images ({describe(record)}, '

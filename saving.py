@@ -8,6 +8,7 @@ weights already there are never overwritten.
 import collections
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -61,6 +62,7 @@ def record(settings, data, precision, start=None):
     weights (the classes, the held size, the mean and std); the run adds its accuracies."""
     return {'args': settings._asdict(), 'classes': data.classes,
             'held_size': data.train.images.shape[-1], 'mean': data.mean, 'std': data.std,
+            'test_images': len(data.test.labels),
             'test_split': data.test_split,
             'data': str(Path(settings.data).resolve()) if settings.data else 'cifar10',
             'start': start.name if start else 'random', 'precision': precision}
@@ -124,12 +126,30 @@ class Run:
             save_history(self.history, self.out)
         save_text(json.dumps(self.record, indent=1), self.out.with_suffix('.json'))
 
+    def report(self, class_accuracy, start):
+        """The run's last lines: per-class test accuracy, then what was kept, and the seconds
+        since `start` (a time.monotonic() reading)."""
+        best = self.best
+        chosen = f'epoch {best.epoch}, ' + (f'chosen by its valid accuracy {best.valid_acc:.2f}%'
+                                            if best.valid_acc is not None else
+                                            'the last: no validation')
+        print(f'per-class test accuracy ({chosen}):')
+        print_class_accuracy(self.record['classes'], class_accuracy)
+        print(f'done in {time.monotonic() - start:.0f} s: test accuracy '
+              f'{self.record["test_acc"]:.2f}% on the {self.record["test_images"]:,} test '
+              f'images, measured once ({chosen}); saved to {self.out}')
+
     def end_epochs(self):
         """The epochs are done: their files; the checkpoint goes, as nothing is left to resume."""
         self.where = 'in the test'
         save_history(self.history, self.out)
         self.save()
         self.out.with_suffix('.ckpt').unlink(missing_ok=True)
+
+
+def print_class_accuracy(classes, accuracy):
+    for name, acc in zip(classes, accuracy):
+        print(f'  {name:<{max(map(len, classes))}}  {acc:6.2f}%')
 
 
 def read_record(weights):

@@ -872,6 +872,16 @@ class BudgetTest(unittest.TestCase):
             self.assertLessEqual(clock.now + f.steps_left() * 0.2 + epochs_left * 3.0
                                  + 128 * plan.per_image + budget.EXIT_SECONDS, 60)
 
+    def test_the_time_left_a_run_prints(self):
+        # Under --minutes, the seconds to its deadline; else the epochs left, each as long as
+        # the mean so far (MinutesTest runs it).
+        with FakeClock(now=10) as clock:
+            _, f = self.budget(clock)
+            clock.now = 41.5
+            self.assertEqual(f.seconds_left(100, 7.0), 60 - 41.5)
+        optimizer = torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=1.0)
+        self.assertEqual(budget.Schedule(optimizer, 250, 0.2).seconds_left(100, 7.0), 3 * 7.0)
+
     def test_too_short_a_budget_is_one_sentence(self):
         # A plan shorter than an epoch trains what fits; one without a step is refused.
         with FakeClock(now=9):

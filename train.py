@@ -253,7 +253,7 @@ def train(args):
         run.save()  # the best weights so far, if any: no work is lost
         return errors.stopped(e, run.where, out, device.type, s.batch_size, s.image_size, s.lr)
     run.save()
-    report(run, trainer.class_accuracy, len(data.test.labels))
+    run.report(trainer.class_accuracy, START)
     return 0
 
 
@@ -286,11 +286,8 @@ def fit(trainer, loaders, run, save_every):
             # weights it saved were the last epoch's. Copy them.
             run.best = saving.Best(valid_acc, run.epoch,
                                    {k: v.detach().clone() for k, v in trainer.params.items()})
-        epochs = math.ceil(schedule.total / len(loaders.train))  # the last may end early
-        # The time left: under --minutes, to its deadline; else the epochs left, as the mean.
-        left = schedule.budget.deadline - time.monotonic() if schedule.budget else \
-            (epochs - run.epoch) * sum(spent) / len(spent)
-        print_epoch(row, epochs, left)
+        print_epoch(row, math.ceil(schedule.total / len(loaders.train)),  # the last may end early
+                    schedule.seconds_left(len(loaders.train), sum(spent) / len(spent)))
         if time.monotonic() - last_save >= save_every and schedule.steps_left() > 0:
             run.save(trainer.model, trainer.optimizer, schedule, trainer.amp, trainer.device)
             last_save = time.monotonic()
@@ -311,22 +308,6 @@ def print_epoch(row, epochs, left):
 
 def in_words(seconds):
     return f'{seconds / 60:.0f} min' if seconds >= 90 else f'{max(0, math.ceil(seconds))} s'
-
-
-def report(run, class_accuracy, n_test):
-    """The run's last lines: per-class test accuracy, then what was kept."""
-    best = run.best
-    chosen = f'epoch {best.epoch}, ' + (f'chosen by its valid accuracy {best.valid_acc:.2f}%' if
-                                        best.valid_acc is not None else 'the last: no validation')
-    print(f'per-class test accuracy ({chosen}):')
-    print_class_accuracy(run.record['classes'], class_accuracy)
-    print(f'done in {time.monotonic() - START:.0f} s: test accuracy {run.record["test_acc"]:.2f}% '
-          f'on the {n_test:,} test images, measured once ({chosen}); saved to {run.out}')
-
-
-def print_class_accuracy(classes, accuracy):
-    for name, acc in zip(classes, accuracy):
-        print(f'  {name:<{max(map(len, classes))}}  {acc:6.2f}%')
 
 
 def main(argv=None):
