@@ -15,7 +15,7 @@ import speed
 from errors import UsageError
 
 MARGIN = 0.03       # of the budget, kept back for what varies (the machine, the saves)
-GROW = 0.03         # the plan grows once this share of its steps more fit: it does not jitter
+GROW = 0.05         # the plan grows once this share of its steps more fit: it does not jitter
 EVERY = 5.0         # seconds between fittings of the plan (at most 2% of the budget)
 EXIT_SECONDS = 2.0  # writing the last files and the interpreter's exit, which torch makes slow
 

@@ -41,8 +41,9 @@ TRAIN_DEFAULTS = {
     'resnet110': (128, 0.1),
 }
 WARMUP = 0.2                  # fraction of the steps spent rising linearly to the peak lr
-MIN_WARMUP_STEPS = {'alexnet': 100}  # the fewest steps to the peak lr (budget.Schedule)
-CLIP_GRAD_NORM = {'alexnet': 2.0}  # the most a step's gradient norm may be (no BatchNorm)
+# The fewest steps the lr takes to its peak: AlexNet, without BatchNorm, diverged when a short
+# run's warm-up took a few dozen (RESULTS.md). A run too short for them peaks lower.
+MIN_WARMUP_STEPS = {'alexnet': 100}
 FLIPS = False                 # evaluate each image and its mirror image, their scores averaged
 MOMENTUM = 0.9                # SGD momentum (Nesterov)
 WEIGHT_DECAY = 5e-4           # L2 penalty on every parameter

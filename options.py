@@ -237,15 +237,14 @@ def check_args(args, argv=()):
 # config.TRAIN_DEFAULTS, the data's size and --recipe make of them (settings()). weight.json
 # records them, and --resume goes on with them. epochs is None where --minutes plans the steps;
 # warmup is the share of the steps the lr rises over (None: constant), min_warmup the fewest;
-# normalise is 'train' (the training images' mean and std), 'imagenet' or None; clip caps the
-# gradient's norm (None: no cap); flips averages each evaluated image's scores with its
-# mirror image's.
+# normalise is 'train' (the training images' mean and std), 'imagenet' or None; flips averages
+# each evaluated image's scores with its mirror image's.
 Settings = collections.namedtuple('Settings', [
     'data', 'stream', 'valid_split', 'epochs', 'minutes', 'batch_size', 'lr', 'recipe',
     'image_size', 'pretrained', 'init', 'freeze', 'model', 'small_input', 'plain', 'device',
     'precision', 'seed', 'out', 'resume', 'workers', 'save_every', 'eval_batch_size',
     'momentum', 'weight_decay', 'nesterov', 'label_smoothing', 'warmup', 'min_warmup',
-    'normalise', 'augment', 'clip', 'flips'])
+    'normalise', 'augment', 'flips'])
 
 
 def settings(args, n_train):
@@ -275,7 +274,7 @@ def settings(args, n_train):
     return Settings(**{**given, **recipe, 'batch_size': batch_size, 'lr': lr, 'epochs': epochs,
                        'eval_batch_size': min(config.EVAL_BATCH_SIZE, 2 * batch_size),
                        'min_warmup': config.MIN_WARMUP_STEPS.get(args.model, 0),
-                       'clip': config.CLIP_GRAD_NORM.get(args.model), 'flips': config.FLIPS,
+                       'flips': config.FLIPS,
                        # what torchvision's weights were trained with, whatever the recipe
                        'normalise': 'imagenet' if args.pretrained else recipe['normalise']})
 

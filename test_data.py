@@ -6,6 +6,7 @@ import io
 import tempfile
 import unittest
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn as nn
@@ -68,6 +69,8 @@ class DataPathTest(unittest.TestCase):
         self.assertIn('need 1.1 GiB of GPU memory', data.memory_shortfall(400_000, 32, on_cuda))
         (place, ram), = data.free_memory(torch.device('cpu'))
         self.assertTrue(place == 'RAM' and (ram is None or ram > 0))
+        with mock.patch.object(torch.cuda, 'mem_get_info', return_value=(3 * gib, 16 * gib)):
+            self.assertEqual(data.free_memory(torch.device('cuda'))[1], ('GPU memory', 3 * gib))
 
     def test_batches_are_normalised(self):
         # The article fed raw [0, 1] pixels.

@@ -96,7 +96,7 @@ class TrainTest(ColourFolderCase):
     def test_learns_colour_task_and_writes_its_files(self):
         argv = ['--data', self.data, '--image-size', 8, '--small-input', '--lr', 0.01,
                 '--batch-size', 16, '--epochs', 2, '--device', 'cpu', '--workers', 1,
-                '--out', self.out]
+                '--out', self.out, '--save-every', 0]
         code, out, err = run_main(*argv)
         self.assertEqual(code, 0, err)
         # What speed.py changed on the CPU is said in the header.
@@ -416,10 +416,12 @@ class StopTest(ColourFolderCase):
         # checkpoint. Resumed, the run must take them as its best and test them at the end.
         # The checkpoint is written every --save-every 10 s, and the fake clock makes epoch 1
         # take 11 s and epoch 2 one: the checkpoint is epoch 1's, the best epoch 2's.
+        accs = {3: 50.0, 6: 60.0}  # by the steps taken: 3 an epoch
+
         def scripted_valid(real, trainer, loader):
             loss, acc = real(trainer, loader)
             if len(loader.labels) == 6:  # the validation images, not the 30 test images
-                acc = {3: 50.0, 6: 60.0, 9: 55.0}[trainer.scheduler.taken]  # 3 steps an epoch
+                acc = accs[trainer.scheduler.taken]
             return loss, acc
 
         def timed(real, trainer, loader):
@@ -436,6 +438,7 @@ class StopTest(ColourFolderCase):
         self.assertEqual(torch.load(out.with_suffix('.ckpt'), weights_only=True)['epoch'], 1)
         self.assertEqual(json.loads(out.with_suffix('.json').read_text())['best_epoch'], 2)
         kept = weights(out)
+        accs.update({6: 58.0, 9: 55.0})  # resumed, epochs 2 and 3 do worse than the kept best
         with the_epochs(valid_epoch=scripted_valid):
             code, text, err = run_main('--resume', '--out', out)
         self.assertEqual(code, 0, err)
@@ -852,12 +855,13 @@ class BudgetTest(unittest.TestCase):
             self.assertGreaterEqual(clock.now + after, 0.9 * 60)
 
     def test_the_plan_does_not_jitter(self):
-        # Steps that take a little more or less than timed leave the plan as it is.
+        # Steps that take a little more or less than timed (3%, a few steps at a time) leave
+        # the plan as it is.
         with FakeClock(now=10) as clock:
             plan, f = self.budget(clock)
             first = f.total
             for i in range(60):
-                clock.now += 0.5 + (0.01 if i % 2 else -0.01)
+                clock.now += 0.485 if i // 3 % 2 else 0.515
                 f.step()
             self.assertEqual(f.total, first)
 
@@ -1167,23 +1171,6 @@ class TransferTest(ColourFolderCase):
 
 class TrainerTest(unittest.TestCase):
     """The article's Trainer, alone."""
-
-    def test_a_net_without_batchnorm_has_its_gradient_capped(self):
-        # AlexNet (no BatchNorm) diverged in short runs; its gradient's norm is capped at
-        # config.CLIP_GRAD_NORM (a ResNet's is not), before the SGD step that uses it.
-        self.assertEqual([options.settings(options.parse_args(['--model', m]), 45_000).clip
-                          for m in ('alexnet', 'resnet18')],
-                         [config.CLIP_GRAD_NORM['alexnet'], None])
-        for clip in (None, 0.5):
-            torch.manual_seed(0)
-            model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
-            optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-            before = [p.detach().clone() for p in model.parameters()]
-            trainer = train.Trainer(model, optimizer, nn.CrossEntropyLoss(), clip=clip)
-            trainer.train_step(100 * torch.randn(8, 3, 2, 2), torch.arange(8) % 3)
-            norm = torch.cat([(b - p.detach()).flatten() for b, p in
-                              zip(before, model.parameters())]).norm().item()  # lr 1: the step
-            self.assertLessEqual(norm, 0.5 + 1e-5) if clip else self.assertGreater(norm, 1)
 
     def test_flips_average_each_image_with_its_mirror_image(self):
         torch.manual_seed(0)

@@ -28,7 +28,7 @@ class Trainer:
     loss and the accuracy (%); params are the model's weights."""
 
     def __init__(self, model, optimizer, criterion, device='cpu', scheduler=None,
-                 precision=None, clip=None, flips=False):
+                 precision=None, flips=False):
         # Article: it chose cuda itself when there was one; here train.py passes --device's.
         self.device = torch.device(device)
         self.model = model.to(self.device)
@@ -43,7 +43,7 @@ class Trainer:
         # predicted class, of the last epoch_valid (its confusion matrix).
         self.progress = sys.stdout.isatty()
         self.confusion = None
-        self.clip, self.flips = clip, flips  # Article: neither (train_step, epoch_valid)
+        self.flips = flips  # Article: one look at each image in evaluation (logits())
 
     def train_step(self, inputs, targets):
         """One step of the article's loop: forward, loss, backward, SGD update. (On CUDA,
@@ -53,9 +53,6 @@ class Trainer:
             outputs = self.model(inputs)
             loss = self.criterion(outputs, targets)
         self.amp.scale(loss).backward()  # loss.backward(), the loss scaled up in fp16
-        if self.clip:  # a net without BatchNorm (AlexNet): its gradient's norm at most clip
-            self.amp.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         self.amp.step(self.optimizer)  # self.optimizer.step()
         self.amp.update()
         return loss, outputs
@@ -235,7 +232,7 @@ def train(args):
                                     device)
         loaders = build_loaders(data, s, device)
         trainer = Trainer(model, optimizer, build_criterion(s.label_smoothing), device,
-                          precision=precision, clip=s.clip, flips=s.flips)
+                          precision=precision, flips=s.flips)
         # The schedule comes last: --minutes times a few steps first, to know its length.
         trainer.scheduler = build_schedule(trainer, loaders, s, START + data.download_seconds,
                                            checkpoint)
