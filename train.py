@@ -1,8 +1,9 @@
 """Train ResNet18 on CIFAR-10 (or your own photos): the article's "ResNetを用いた画像認識", in its
-order: the Trainer, the builders, the data, then train(), its __main__. Each fix is marked
-`# Article:`. train.py says when; how lives in files of its own: options.py (the settings),
-data.py (the images), speed.py (speed only), budget.py (the lr schedule, --minutes), saving.py
-(the files), transfer.py (trained weights to start from), errors.py (what stops a run).
+order: the Trainer, the builders, the data, then train(), its __main__. Each departure is
+marked `# Article:`. train.py says when; how lives in files of its own: options.py (the
+settings), data.py and stream.py (the images), speed.py and graphs.py (speed only), budget.py
+(the lr schedule, --minutes), saving.py (the files), transfer.py (trained weights to start
+from), errors.py (what stops a run).
 """
 import math
 import sys
@@ -47,7 +48,7 @@ class Trainer:
 
     def train_step(self, inputs, targets):
         """One step of the article's loop: forward, loss, backward, SGD update. (On CUDA,
-        train() puts a CUDA graph of this step in its place: speed.prepare_step.)"""
+        train() may put a CUDA graph of this step in its place: speed.prepare_step.)"""
         self.optimizer.zero_grad(set_to_none=True)
         with self.amp.autocast():
             outputs = self.model(inputs)
@@ -125,7 +126,7 @@ class Trainer:
 
     @property
     def params(self):
-        return self.model.state_dict()  # live tensors: copy before keeping (see train())
+        return self.model.state_dict()  # live tensors: copy before keeping (see fit())
 
 
 def logits(model, inputs, flips=False):
@@ -156,17 +157,19 @@ def build_optimizer(params, lr, momentum, weight_decay, nesterov, device):
 
 
 def build_criterion(label_smoothing=0.0):
-    # Article: nn.CrossEntropyLoss(). Label smoothing 0.1 aims at 90% for the right class.
+    # Article: nn.CrossEntropyLoss(). Label smoothing 0.1 aims at 91% for the right class of
+    # 10, not 100%: the losses printed are not the article's cross-entropy.
     return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
 
-def build_schedule(trainer, loaders, s, start, checkpoint=None):
-    """The lr of each step over the steps planned (budget.py): s.epochs of them, or those that
-    fit in --minutes from `start`, timed on a few; resumed, the checkpoint's plan goes on."""
+def build_schedule(trainer, loaders, s, since, checkpoint=None):
+    """The lr of each step over the steps planned (budget.py): s.epochs epochs' worth, or those
+    that fit in --minutes from `since` (a clock reading), timed on a few; resumed, the
+    checkpoint's plan goes on."""
     # Article: a constant lr (s.warmup None).
     return budget.schedule(
         trainer.optimizer, s.epochs, s.warmup, s.min_warmup, len(loaders.train),
-        checkpoint and checkpoint['scheduler'], s.minutes, start, lambda: budget.seconds_per_step(
+        checkpoint and checkpoint['scheduler'], s.minutes, since, lambda: budget.seconds_per_step(
             trainer.train_step, trainer.model, trainer.optimizer, trainer.amp, loaders.train,
             trainer.epoch_valid, next(iter(loaders.valid or loaders.test))),
         len(loaders.valid.labels) if loaders.valid else 0, len(loaders.test.labels))
@@ -189,8 +192,8 @@ def build_loaders(data, s, device):
     # and normalise whole batches of images decoded once, on the device (data.py).
     make = make_loader
     if s.stream:
-        import stream
-        make = stream.make_loader
+        import stream as streaming
+        make = streaming.make_loader
     common = dict(mean=data.mean, std=data.std, image_size=s.image_size, device=device,
                   memory_format=speed.memory_format(device))
     train = make(*data.train, batch_size=s.batch_size, train=True, seed=s.seed,
@@ -213,10 +216,12 @@ def train(args):
         args = options.resumed(args, checkpoint['args'])
     s, run = args, saving.Run(out)  # s: the run's settings, once resolved
     try:
-        start = read_start(args)  # trained weights to start from: read before the data
+        start = read_start(args)  # weights to start from: read first, so a bad file stops at once
         precision = speed.choose_precision(args.precision, device)
         t0 = time.perf_counter()
-        # Article: the model came first. Here the data does: a small folder's batch comes from it.
+        # Article: model, optimizer, criterion and Trainer, then CIFAR-10 at Resize((224, 224)),
+        # validated on its test split. Here the data first, at 32 px (config.IMAGE_SIZE): a
+        # small folder's batch, lr and epochs come from it. Its validation images are held out.
         data = load_data(args.data, args.image_size, args.valid_split, args.seed, device,
                          args.stream, args.workers)
         s = options.settings(args, len(data.train.labels))
@@ -226,19 +231,20 @@ def train(args):
         torch.manual_seed(s.seed)  # Article: unseeded
         model = build_model(s.model, len(data.classes), s.small_input, s.plain)
         params = start.load(model, data.classes, s.freeze, s.lr) if start else \
-            model.parameters()  # with --freeze, the fc's alone
+            model.parameters()  # groups: the new fc, the rest at a smaller lr; --freeze: the fc
         model = speed.prepare_model(model, device)  # on the device; on the CPU, OnePixelConv2d
         optimizer = build_optimizer(params, s.lr, s.momentum, s.weight_decay, s.nesterov,
                                     device)
         loaders = build_loaders(data, s, device)
         trainer = Trainer(model, optimizer, build_criterion(s.label_smoothing), device,
                           precision=precision, flips=s.flips)
-        # The schedule comes last: --minutes times a few steps first, to know its length.
+        # --minutes times a few steps first, to know the plan's length; that clears the
+        # optimizer's state, so a resumed run's states are put back after (run.begin).
         trainer.scheduler = build_schedule(trainer, loaders, s, START + data.download_seconds,
                                            checkpoint)
         run.begin(saving.record(s, data, speed.precision_name(precision), start), checkpoint,
                   model, optimizer, trainer.amp, device)
-        # On CUDA, the step replayed as a CUDA graph; on the CPU, the one-pixel route.
+        # On CUDA, the step replayed as a CUDA graph (a ResNet's); elsewhere it stays.
         trainer.train_step, how = speed.prepare_step(trainer.train_step, model, optimizer,
                                                      trainer.amp, loaders.train, s.model)
         print(options.header(s, device.type, run.record['precision'], how,
@@ -247,7 +253,7 @@ def train(args):
         model.load_state_dict(run.best.params)  # the one test, of the weights validation chose
         _, run.record['test_acc'] = trainer.epoch_valid(loaders.test)
     except (KeyboardInterrupt, FloatingPointError, RuntimeError) as e:
-        run.save()  # the best weights so far, if any: no work is lost
+        run.save()  # the best weights so far, if any (the epochs: the last checkpoint's)
         return errors.stopped(e, run.where, out, device.type, s.batch_size, s.image_size, s.lr)
     run.save()
     run.report(trainer.class_accuracy, START)
@@ -265,7 +271,7 @@ def fit(trainer, loaders, run, save_every):
     """The article's loop: train and validate an epoch at a time while the plan has steps left
     (the last epoch may end early), keep a copy of the best weights, and save now and then."""
     schedule, last_save, spent = trainer.scheduler, time.monotonic(), []
-    while schedule.steps_left() > 0:
+    while schedule.steps_left() > 0:  # Article: for epoch in range(1, 1 + config.NUM_EPOCHS)
         t0 = time.perf_counter()
         run.epoch += 1
         run.where = f'in epoch {run.epoch}'
@@ -280,11 +286,13 @@ def fit(trainer, loaders, run, save_every):
                             schedule.taken, loaders.train.batch_size)
         if run.best is None or valid_acc is None or valid_acc > run.best.valid_acc:
             # Article: it kept `trainer.params`, a live view of the weights, so the "best"
-            # weights it saved were the last epoch's. Copy them.
+            # weights it would have saved were the last epoch's. Copy them.
             run.best = saving.Best(valid_acc, run.epoch,
                                    {k: v.detach().clone() for k, v in trainer.params.items()})
         print_epoch(row, math.ceil(schedule.total / len(loaders.train)),  # the last may end early
                     schedule.seconds_left(len(loaders.train), sum(spent) / len(spent)))
+        # Article: torch.save(best_params, 'weight.pth') once, after the epochs. Here the best
+        # weights and the checkpoint every --save-every seconds, for Ctrl-C and --resume.
         if time.monotonic() - last_save >= save_every and schedule.steps_left() > 0:
             run.save(trainer.model, trainer.optimizer, schedule, trainer.amp, trainer.device)
             last_save = time.monotonic()
@@ -308,7 +316,7 @@ def in_words(seconds):
 
 
 def main(argv=None):
-    # Article: full fp32. TF32 matrix products on GPUs from Ampere on (no effect on the CPU).
+    # Article: fp32 matrix products. TF32 ones on GPUs from Ampere on (none on the CPU).
     torch.set_float32_matmul_precision('high')
     # A problem the user can fix (an argument, the data, a file): one sentence.
     return errors.guarded(lambda: train(options.parse_args(argv)))
