@@ -63,7 +63,7 @@ class AlexNet(nn.Module):
         x = self.maxpool2(self.relu2(self.conv2(x)))    # (B, 256, 13, 13)
         x = self.conv_layers(x)                         # (B, 256, 6, 6)
         x = self.avg_pool(x)                            # (B, 256, 6, 6)
-        x = torch.flatten(x, 1)                         # (B, 9216)
+        x = torch.flatten(x, 1)                         # (B, 9216). Article: x.view(...), the same
         return self.fc_layers(x)                        # (B, num_classes) logits
 
 

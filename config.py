@@ -18,7 +18,7 @@ TEST_SEED = 0                 # draws them: the same test images whatever --seed
 MODEL = 'resnet18'            # the network to train
 
 # Optimisation: the fixed recipe (--recipe fixed, the default)
-RECIPE = 'fixed'              # fixed | article | article+FIX+...: README, "What the recipe buys"
+RECIPE = 'fixed'              # fixed | article | article+FIX+...: RESULTS.md, "What each fix buys"
 NUM_EPOCHS = 30               # passes over the training set
 SMALL_FOLDER_EPOCHS = 60      # for a folder of a few hundred images (options.train_defaults)
 BATCH_SIZE = 512              # images per step (ResNet18; the table below has every model's)

@@ -35,7 +35,7 @@ class BasicBlock(nn.Module):
         self.conv2 = conv3x3(out_channels, out_channels)
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.downsample = downsample
-        self.shortcut = shortcut  # False: the plain block, H(x) = F(x)
+        self.shortcut = shortcut  # Article: no such argument; False: the plain block, H(x) = F(x)
 
     def forward(self, x):
         identity_x = x  # hold input for shortcut connection
@@ -125,6 +125,7 @@ class ResidualLayer(nn.Module):
     blocks have no shortcut at all.
     """
 
+    # Article: no stride or shortcut arguments (every stage stride 1, always a projection)
     def __init__(self, num_blocks, in_channels, out_channels, block=BasicBlock, stride=1,
                  shortcut=projection):
         super().__init__()

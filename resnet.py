@@ -69,7 +69,7 @@ class ResNet(nn.Module):
         out = self.layer4(out)          # (B, 512, 7, 7)
 
         out = self.avg_pool(out)        # (B, 512, 1, 1)
-        out = torch.flatten(out, 1)     # (B, 512)
+        out = torch.flatten(out, 1)     # (B, 512). Article: out.view(out.size(0), -1), the same
         out = self.fc(out)              # (B, num_classes)
         return out
 
@@ -87,6 +87,7 @@ def init_weights(model):
 
 class ResNet18(ResNet):
     """ResNet18: BasicBlocks, 2 in each of the 4 stages."""
+    # Article: ResNet18 held the whole body; here it is class ResNet above, which 34 and 50 share.
 
     def __init__(self, num_classes, small_input=False, plain=False):
         super().__init__(layers.BasicBlock, [2, 2, 2, 2], num_classes, small_input, plain)

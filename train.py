@@ -46,6 +46,7 @@ class Trainer:
         self.confusion = None
         self.flips = flips  # Article: one look at each image in evaluation (logits())
 
+    # Article: the loop's body was inline; as a method, a CUDA graph can stand in for it.
     def train_step(self, inputs, targets):
         """One step of the article's loop: forward, loss, backward, SGD update. (On CUDA,
         train() may put a CUDA graph of this step in its place: speed.prepare_step.)"""
@@ -233,8 +234,7 @@ def train(args):
         params = start.load(model, data.classes, s.freeze, s.lr) if start else \
             model.parameters()  # groups: the new fc, the rest at a smaller lr; --freeze: the fc
         model = speed.prepare_model(model, device)  # on the device; on the CPU, OnePixelConv2d
-        optimizer = build_optimizer(params, s.lr, s.momentum, s.weight_decay, s.nesterov,
-                                    device)
+        optimizer = build_optimizer(params, s.lr, s.momentum, s.weight_decay, s.nesterov, device)
         loaders = build_loaders(data, s, device)
         trainer = Trainer(model, optimizer, build_criterion(s.label_smoothing), device,
                           precision=precision, flips=s.flips)
