@@ -854,6 +854,26 @@ class BudgetTest(unittest.TestCase):
             self.assertLessEqual(clock.now + after, 60)
             self.assertGreaterEqual(clock.now + after, 0.9 * 60)
 
+    def test_a_resumed_minutes_run_ends_its_plan_or_fits_the_rest_into_new_minutes(self):
+        # The README: --resume goes on to the plan's end; with --minutes M, what is left is
+        # fitted into M minutes from now. Both keep the steps already taken and the lr's place.
+        def made(state=None, minutes=1, now=10):
+            with FakeClock(now=now):
+                opt = torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=1.0)
+                return budget.schedule(opt, None, config.WARMUP, 0, 100, state, minutes,
+                                       train.START, lambda: (0.5, 0.4 * 0.5 / 32), 64, 128)
+        first = made()
+        for _ in range(30):
+            first.step()
+        state, lr = first.state_dict(), first.optimizer.param_groups[0]['lr']
+        again = made(state, minutes=None)
+        self.assertEqual((again.total, again.steps_left()), (first.total, first.total - 30))
+        self.assertAlmostEqual(again.optimizer.param_groups[0]['lr'], lr)
+        fresh = made(now=10)  # what a new minute from the same moment holds
+        later = made(state, minutes=1, now=10)
+        self.assertEqual((later.taken, later.total), (30, 30 + fresh.total))
+        self.assertAlmostEqual(later.optimizer.param_groups[0]['lr'], lr)  # no jump on refit
+
     def test_the_plan_does_not_jitter(self):
         # Steps that take a little more or less than timed (3%, a few steps at a time) leave
         # the plan as it is.
