@@ -869,9 +869,8 @@ class BudgetTest(unittest.TestCase):
         again = made(state, minutes=None)
         self.assertEqual((again.total, again.steps_left()), (first.total, first.total - 30))
         self.assertAlmostEqual(again.optimizer.param_groups[0]['lr'], lr)
-        fresh = made(now=10)  # what a new minute from the same moment holds
-        later = made(state, minutes=1, now=10)
-        self.assertEqual((later.taken, later.total), (30, 30 + fresh.total))
+        later = made(state, minutes=1, now=10)  # a new minute from where `first` began
+        self.assertEqual((later.taken, later.total), (30, 30 + first.total))
         self.assertAlmostEqual(later.optimizer.param_groups[0]['lr'], lr)  # no jump on refit
 
     def test_the_plan_does_not_jitter(self):
